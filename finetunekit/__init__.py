@@ -1,0 +1,49 @@
+"""finetunekit: tested building blocks for fine-tuning pretrained models.
+
+Example:
+    >>> import finetunekit as ftk
+    >>> ftk.replace_head(model, 5)
+    >>> ftk.freeze_to(model, -1)                       # train the head only
+    >>> ftk.freeze_to(model, -3)                       # then the top two groups and the head
+    >>> optimizer = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-5, 1e-3)))
+"""
+
+from .errors import (
+    FinetuneKitError,
+    FinetuneKitWarning,
+    HeadNotFoundError,
+    NoMatchingTargetError,
+    NoParametersError,
+)
+from .freezing import FreezeSummary, Target, freeze, freeze_to, unfreeze
+from .groups import LayerGroup, layer_groups
+from .heads import TokenPooler, find_head, replace_head
+from .param_groups import ParamGroup, is_no_decay, layer_lrs, param_groups
+from .trainer import Phase, Trainer, accuracy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FinetuneKitError",
+    "FinetuneKitWarning",
+    "FreezeSummary",
+    "HeadNotFoundError",
+    "LayerGroup",
+    "NoMatchingTargetError",
+    "NoParametersError",
+    "ParamGroup",
+    "Phase",
+    "Target",
+    "TokenPooler",
+    "Trainer",
+    "accuracy",
+    "find_head",
+    "freeze",
+    "freeze_to",
+    "is_no_decay",
+    "layer_groups",
+    "layer_lrs",
+    "param_groups",
+    "replace_head",
+    "unfreeze",
+]

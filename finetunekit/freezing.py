@@ -1,0 +1,389 @@
+"""Freeze and unfreeze parameters by layer group, name, pattern or module type.
+
+Freezing does three things, so that a frozen layer stays exactly as it was under any
+training loop: it sets ``requires_grad=False``, it sets ``.grad`` to ``None`` (an optimizer
+skips parameters without a gradient, so momentum and weight decay cannot move them), and
+it runs the normalization layers with running statistics whose parameters are all frozen
+in eval mode, also after a later ``model.train()``.
+
+NOTE: ``model.train()`` still sets ``training=True`` on such a layer. A forward pre-hook sets
+it back to False as each forward pass starts, so the statistics never change, but the flag
+reads True between ``model.train()`` and the next forward pass.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from ._utils import close_matches, format_suggestions, named_parameters_once
+from .errors import FinetuneKitWarning, NoMatchingTargetError, NoParametersError
+from .groups import LayerGroup, layer_groups
+
+__all__ = ["FreezeSummary", "Target", "freeze", "freeze_to", "unfreeze"]
+
+logger = logging.getLogger(__name__)
+
+Target = Union[int, str, type[nn.Module], Callable[[str, nn.Parameter], bool]]
+"""What :func:`freeze` and :func:`unfreeze` accept: a layer-group index, a group name,
+module or parameter name, a glob pattern over those names, a module class, or a predicate
+over ``(name, parameter)``."""
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class FreezeSummary:
+    """What a freezing call changed.
+
+    Attributes:
+        frozen: Names of the parameters this call froze (they were trainable before).
+        unfrozen: Names of the parameters this call made trainable.
+        num_trainable: Number of scalar values that are trainable after the call.
+        num_frozen: Number of scalar values that are frozen after the call.
+    """
+
+    frozen: tuple[str, ...]
+    unfrozen: tuple[str, ...]
+    num_trainable: int
+    num_frozen: int
+
+
+def freeze(
+    model: nn.Module, *targets: Target, groups: Sequence[LayerGroup] | None = None
+) -> FreezeSummary:
+    """Freeze the parameters that ``targets`` select, or every parameter when none is given.
+
+    Frozen parameters get ``requires_grad=False`` and ``.grad = None``, so no
+    ``torch.optim`` optimizer moves them, whatever the loop does with ``zero_grad``.
+    Normalization layers with running statistics (BatchNorm and InstanceNorm with
+    ``track_running_stats``) whose parameters are all frozen switch to eval mode and run
+    every forward pass in eval mode, also after ``model.train()``, so their running
+    statistics do not change.
+    The model is modified in place; a call that raises changes nothing.
+
+    Args:
+        model: The model to change.
+        *targets: What to freeze. Each is one of:
+
+            - an ``int``: a layer-group index from :func:`layer_groups`, negative from the head;
+            - a ``str``: a layer-group name (``"head"`` is the head group), a module's or a
+              parameter's qualified name, or a glob pattern over those names (``"layer4.*"``);
+            - a module class, such as ``nn.BatchNorm2d``: every module of that class;
+            - a callable ``(name, parameter) -> bool`` that selects parameters.
+        groups: Layer groups to use instead of ``layer_groups(model)``.
+
+    Returns:
+        A summary of the parameters that changed and the trainable and frozen totals.
+
+    Raises:
+        NoMatchingTargetError: If a target selects no parameter. The message names the
+            target and the closest names in the model.
+        IndexError: If a group index is out of range.
+
+    Example:
+        >>> model = torchvision.models.resnet18(weights=None)
+        >>> freeze(model, "layer1.*", nn.BatchNorm2d).frozen[:2]
+        ('bn1.weight', 'bn1.bias')
+    """
+    selected = _select_all(model, targets, groups)
+    return _apply(model, frozen=selected, trainable={})
+
+
+def unfreeze(
+    model: nn.Module, *targets: Target, groups: Sequence[LayerGroup] | None = None
+) -> FreezeSummary:
+    """Make the parameters that ``targets`` select trainable, or every parameter when none is given.
+
+    Normalization layers whose parameters become trainable return to the model's current
+    mode (training or eval). Targets are read as in :func:`freeze`. The model is modified
+    in place; a call that raises changes nothing.
+
+    Args:
+        model: The model to change.
+        *targets: What to unfreeze, as in :func:`freeze`.
+        groups: Layer groups to use instead of ``layer_groups(model)``.
+
+    Returns:
+        A summary of the parameters that changed and the trainable and frozen totals.
+
+    Raises:
+        NoMatchingTargetError: If a target selects no parameter.
+        IndexError: If a group index is out of range.
+
+    Example:
+        >>> freeze(model)
+        >>> unfreeze(model, "fc").unfrozen
+        ('fc.weight', 'fc.bias')
+    """
+    selected = _select_all(model, targets, groups)
+    return _apply(model, frozen={}, trainable=selected)
+
+
+def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None = None) -> FreezeSummary:
+    """Freeze the layer groups before index ``n`` and make the rest trainable.
+
+    This follows fastai's ``freeze_to``: ``freeze_to(model, -1)`` trains the head only,
+    ``freeze_to(model, -3)`` trains the top two groups and the head, and
+    ``freeze_to(model, 0)`` trains everything. The model is modified in place.
+
+    Args:
+        model: The model to change.
+        n: Index of the first trainable layer group; negative counts from the head.
+            ``n`` equal to the number of groups freezes everything, with a warning.
+        groups: Layer groups to use instead of ``layer_groups(model)``.
+
+    Returns:
+        A summary of the parameters that changed and the trainable and frozen totals.
+
+    Raises:
+        IndexError: If ``n`` is outside ``-len(groups) <= n <= len(groups)``.
+
+    Example:
+        >>> model = torchvision.models.resnet18(weights=None)
+        >>> summary = freeze_to(model, -1)
+        >>> summary.num_trainable  # fc: 512 * 1000 weights + 1000 biases
+        513000
+    """
+    groups = list(groups) if groups is not None else layer_groups(model)
+    count = len(groups)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n={n!r} must be an int layer-group index.")
+    if not -count <= n <= count:
+        raise IndexError(
+            f"freeze_to(n={n}) is out of range: {type(model).__name__} has {count} layer groups "
+            f"({_preview([g.name for g in groups])}). Pass {-count} <= n <= {count}."
+        )
+    start = n % count if n < 0 else n
+    if start == count:
+        warnings.warn(
+            f"freeze_to(n={n}) freezes all {count} layer groups, so nothing will train. "
+            f"Pass n < {count} to keep the head trainable.",
+            FinetuneKitWarning,
+            stacklevel=2,
+        )
+
+    frozen = {id(p): (name, p) for g in groups[:start] for name, p in g.params}
+    trainable = {id(p): (name, p) for g in groups[start:] for name, p in g.params}
+    return _apply(model, frozen=frozen, trainable=trainable)
+
+
+_Selection = dict[int, tuple[str, nn.Parameter]]
+
+
+def _select_all(model: nn.Module, targets: Sequence[Target], groups: Sequence[LayerGroup] | None) -> _Selection:
+    named = list(named_parameters_once(model))
+    if not named:
+        raise NoParametersError(
+            f"{type(model).__name__} has no parameters, so there is nothing to freeze or unfreeze. "
+            "Pass the model after its layers are built (for lazy modules, after one forward pass)."
+        )
+    if not targets:
+        return {id(p): (name, p) for name, p in named}
+
+    resolver = _Resolver(model, named, groups)
+    selected: _Selection = {}
+    for target in targets:
+        selected.update(resolver.select(target))
+    return selected
+
+
+class _Resolver:
+    """Turn freeze targets into the parameters they select."""
+
+    def __init__(
+        self, model: nn.Module, named: list[tuple[str, nn.Parameter]], groups: Sequence[LayerGroup] | None
+    ) -> None:
+        self.model = model
+        self.named = named
+        self.names = {id(p): name for name, p in named}
+        self._groups = list(groups) if groups is not None else None
+
+    @property
+    def groups(self) -> list[LayerGroup]:
+        if self._groups is None:
+            self._groups = layer_groups(self.model)
+        return self._groups
+
+    def select(self, target: Target) -> _Selection:
+        if isinstance(target, bool):
+            raise TypeError(f"Freeze target {target!r} is a bool; pass a group index, name, pattern or type.")
+        if isinstance(target, int):
+            return self._by_group_index(target)
+        if isinstance(target, str):
+            return self._by_name(target)
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            return self._by_type(target)
+        if callable(target):
+            return self._by_predicate(target)
+        raise TypeError(
+            f"Freeze target {target!r} has type {type(target).__name__}; pass a group index, "
+            "a name or glob pattern, an nn.Module subclass, or a (name, parameter) -> bool callable."
+        )
+
+    def _by_group_index(self, index: int) -> _Selection:
+        count = len(self.groups)
+        if not -count <= index < count:
+            raise IndexError(
+                f"Layer-group index {index} is out of range for {type(self.model).__name__}, which has "
+                f"{count} groups ({_preview([g.name for g in self.groups])}). Pass {-count} <= index < {count}."
+            )
+        return self._of_params(self.groups[index].parameters())
+
+    def _by_name(self, target: str) -> _Selection:
+        for group in self.groups:
+            if target == group.name or (target == "head" and group.is_head):
+                return self._of_params(group.parameters())
+
+        modules = dict(self.model.named_modules())
+        if target in modules and target:
+            return self._checked(target, self._of_params(modules[target].parameters()))
+        for name, param in self.named:
+            if name == target:
+                return {id(param): (name, param)}
+
+        if _GLOB_CHARS & set(target):
+            return self._checked(target, self._by_glob(target, modules))
+        return self._checked(target, {})
+
+    def _by_glob(self, pattern: str, modules: dict[str, nn.Module]) -> _Selection:
+        selected: _Selection = {}
+        for name, module in modules.items():
+            if name and fnmatch.fnmatchcase(name, pattern):
+                selected.update(self._of_params(module.parameters()))
+        for name, param in self.named:
+            if fnmatch.fnmatchcase(name, pattern):
+                selected[id(param)] = (name, param)
+        for group in self.groups:
+            if fnmatch.fnmatchcase(group.name, pattern):
+                selected.update(self._of_params(group.parameters()))
+        return selected
+
+    def _by_type(self, cls: type[nn.Module]) -> _Selection:
+        selected: _Selection = {}
+        for module in self.model.modules():
+            if isinstance(module, cls):
+                selected.update(self._of_params(module.parameters()))
+        if not selected:
+            present = sorted({type(m).__name__ for m in self.model.modules() if _has_own_params(m)})
+            raise NoMatchingTargetError(
+                f"Freeze target {cls.__name__} matched no module with parameters in "
+                f"{type(self.model).__name__}. Module classes with parameters there: {_preview(present)}."
+            )
+        return selected
+
+    def _by_predicate(self, predicate: Callable[[str, nn.Parameter], bool]) -> _Selection:
+        selected = {id(p): (name, p) for name, p in self.named if predicate(name, p)}
+        if not selected:
+            raise NoMatchingTargetError(
+                f"Freeze predicate {getattr(predicate, '__name__', predicate)!r} returned False for every "
+                f"parameter of {type(self.model).__name__}. Check it against list(model.named_parameters())."
+            )
+        return selected
+
+    def _of_params(self, params) -> _Selection:  # type: ignore[no-untyped-def]
+        return {id(p): (self.names[id(p)], p) for p in params}
+
+    def _checked(self, target: str, selected: _Selection) -> _Selection:
+        if selected:
+            return selected
+        candidates = [g.name for g in self.groups] + [n for n, _ in self.model.named_modules()] + [
+            n for n, _ in self.named
+        ]
+        raise NoMatchingTargetError(
+            f"Freeze target {target!r} matched no layer group, module or parameter of "
+            f"{type(self.model).__name__}.{format_suggestions(close_matches(target, candidates))} "
+            f"Layer groups: {_preview([g.name for g in self.groups])}."
+        )
+
+
+def _apply(model: nn.Module, *, frozen: _Selection, trainable: _Selection) -> FreezeSummary:
+    named = list(named_parameters_once(model))
+    newly_frozen = [name for name, p in named if id(p) in frozen and p.requires_grad]
+    newly_trainable = [name for name, p in named if id(p) in trainable and not p.requires_grad]
+
+    for _, param in frozen.values():
+        param.requires_grad_(False)
+        param.grad = None
+    for _, param in trainable.values():
+        param.requires_grad_(True)
+    _sync_norm_layers(model)
+
+    num_trainable = num_frozen = 0
+    for _, param in named:
+        if param.requires_grad:
+            num_trainable += param.numel()
+        else:
+            num_frozen += param.numel()
+    logger.info(
+        "froze %d and unfroze %d parameter tensors of %s: %s values trainable, %s frozen",
+        len(newly_frozen),
+        len(newly_trainable),
+        type(model).__name__,
+        f"{num_trainable:,}",
+        f"{num_frozen:,}",
+    )
+    return FreezeSummary(tuple(newly_frozen), tuple(newly_trainable), num_trainable, num_frozen)
+
+
+def _has_own_params(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[: limit // 2]) + ", ..., " + ", ".join(names[-(limit // 2) :])
+
+
+# --- normalization layers with running statistics ---------------------------------------
+
+_FROZEN_STATS = "_finetunekit_frozen_stats"
+
+
+def _keep_eval(module: nn.Module, args: tuple[object, ...]) -> None:
+    """Forward pre-hook: run a frozen normalization layer in eval mode whatever ``train()`` set."""
+    if getattr(module, _FROZEN_STATS, False):
+        module.training = False
+
+
+def _sync_norm_layers(model: nn.Module) -> None:
+    """Lock the running statistics of normalization layers whose parameters are all frozen."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not isinstance(module, _NormBase) or not module.track_running_stats:
+            continue
+        own = list(module.parameters(recurse=False))
+        if not own:
+            # An affine=False layer follows the nearest enclosing module that has parameters.
+            own = list(_nearest_parameters(name, modules))
+        frozen = bool(own) and not any(p.requires_grad for p in own)
+        _set_frozen_stats(module, frozen, training=model.training)
+
+
+def _nearest_parameters(name: str, modules: dict[str, nn.Module]) -> list[nn.Parameter]:
+    while name:
+        name = name.rpartition(".")[0]
+        params = list(modules[name].parameters())
+        if params:
+            return params
+    return []
+
+
+def _set_frozen_stats(module: nn.Module, frozen: bool, *, training: bool) -> None:
+    was_frozen = getattr(module, _FROZEN_STATS, False)
+    if frozen:
+        if not any(hook is _keep_eval for hook in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_keep_eval)
+        setattr(module, _FROZEN_STATS, True)
+        module.train(False)
+    elif was_frozen:
+        setattr(module, _FROZEN_STATS, False)
+        module.train(training)
