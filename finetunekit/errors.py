@@ -1,7 +1,9 @@
 """Exception and warning classes raised by finetunekit.
 
 Each exception also subclasses the builtin it stands for, so ``except ValueError``
-keeps working for callers who do not import finetunekit's classes.
+keeps working for callers who do not import finetunekit's classes. Plain ``TypeError``,
+``ValueError`` and ``IndexError`` are still raised for wrongly typed or out-of-range
+arguments that need no class of their own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ __all__ = [
 
 
 class FinetuneKitError(Exception):
-    """Base class of every error finetunekit raises on bad input."""
+    """Base class of finetunekit's own exceptions."""
 
 
 class FinetuneKitWarning(UserWarning):

@@ -1,10 +1,10 @@
 """Freeze and unfreeze parameters by layer group, name, pattern or module type.
 
 Freezing does three things, so that a frozen layer stays exactly as it was under any
-training loop: it sets ``requires_grad=False``, it sets ``.grad`` to ``None`` (an optimizer
-skips parameters without a gradient, so momentum and weight decay cannot move them), and
-it runs the normalization layers with running statistics whose parameters are all frozen
-in eval mode, also after a later ``model.train()``.
+training loop. It sets ``requires_grad=False``. It sets ``.grad`` to ``None``, because an
+optimizer skips parameters without a gradient, so momentum and weight decay cannot move
+them. And it runs the normalization layers with running statistics whose parameters are
+all frozen in eval mode, also after a later ``model.train()``.
 
 NOTE: ``model.train()`` still sets ``training=True`` on such a layer. A forward pre-hook sets
 it back to False as each forward pass starts, so the statistics never change, but the flag
@@ -18,30 +18,29 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ._utils import close_matches, format_suggestions, named_parameters_once
 from .errors import FinetuneKitWarning, NoMatchingTargetError, NoParametersError
-from .groups import LayerGroup, layer_groups
+from .groups import LayerGroup, resolve_groups
 
 __all__ = ["FreezeSummary", "Target", "freeze", "freeze_to", "unfreeze"]
 
 logger = logging.getLogger(__name__)
 
-Target = Union[int, str, type[nn.Module], Callable[[str, nn.Parameter], bool]]
-"""What :func:`freeze` and :func:`unfreeze` accept: a layer-group index, a group name,
-module or parameter name, a glob pattern over those names, a module class, or a predicate
-over ``(name, parameter)``."""
+Target = int | str | type[nn.Module] | Callable[[str, nn.Parameter], bool]
+"""Selector accepted by :func:`freeze` and :func:`unfreeze`: a layer-group index, a group
+name, module or parameter name, a glob pattern over those names, a module class, or a
+predicate over ``(name, parameter)``."""
 
 _GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
 class FreezeSummary:
-    """What a freezing call changed.
+    """Changes made by one freezing call, and the totals after it.
 
     Attributes:
         frozen: Names of the parameters this call froze (they were trainable before).
@@ -86,7 +85,10 @@ def freeze(
     Raises:
         NoMatchingTargetError: If a target selects no parameter. The message names the
             target and the closest names in the model.
+        NoParametersError: If ``model`` has no parameters.
         IndexError: If a group index is out of range.
+        TypeError: If a target is none of the kinds above (a float, a bool).
+        ValueError: If ``groups`` does not match the model's parameters.
 
     Example:
         >>> model = torchvision.models.resnet18(weights=None)
@@ -116,10 +118,13 @@ def unfreeze(
 
     Raises:
         NoMatchingTargetError: If a target selects no parameter.
+        NoParametersError: If ``model`` has no parameters.
         IndexError: If a group index is out of range.
+        TypeError: If a target is none of the kinds :func:`freeze` accepts.
+        ValueError: If ``groups`` does not match the model's parameters.
 
     Example:
-        >>> freeze(model)
+        >>> _ = freeze(model)
         >>> unfreeze(model, "fc").unfrozen
         ('fc.weight', 'fc.bias')
     """
@@ -145,6 +150,9 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
 
     Raises:
         IndexError: If ``n`` is outside ``-len(groups) <= n <= len(groups)``.
+        TypeError: If ``n`` is not an int.
+        NoParametersError: If ``model`` has no parameters.
+        ValueError: If ``groups`` does not match the model's parameters.
 
     Example:
         >>> model = torchvision.models.resnet18(weights=None)
@@ -152,7 +160,7 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
         >>> summary.num_trainable  # fc: 512 * 1000 weights + 1000 biases
         513000
     """
-    groups = list(groups) if groups is not None else layer_groups(model)
+    groups = resolve_groups(model, groups)
     count = len(groups)
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n={n!r} must be an int layer-group index.")
@@ -162,6 +170,8 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
             f"({_preview([g.name for g in groups])}). Pass {-count} <= n <= {count}."
         )
     start = n % count if n < 0 else n
+    frozen = {id(p): (name, p) for g in groups[:start] for name, p in g.params}
+    trainable = {id(p): (name, p) for g in groups[start:] for name, p in g.params}
     if start == count:
         warnings.warn(
             f"freeze_to(n={n}) freezes all {count} layer groups, so nothing will train. "
@@ -169,9 +179,14 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
             FinetuneKitWarning,
             stacklevel=2,
         )
-
-    frozen = {id(p): (name, p) for g in groups[:start] for name, p in g.params}
-    trainable = {id(p): (name, p) for g in groups[start:] for name, p in g.params}
+    elif not trainable:
+        tied = [name for g in groups[start:] for name in g.tied]
+        warnings.warn(
+            f"freeze_to(n={n}) leaves no parameter trainable: the groups from index {start} on own none "
+            f"(their weights {tied} are tied to an earlier group). Pass a smaller n.",
+            FinetuneKitWarning,
+            stacklevel=2,
+        )
     return _apply(model, frozen=frozen, trainable=trainable)
 
 
@@ -183,7 +198,7 @@ def _select_all(model: nn.Module, targets: Sequence[Target], groups: Sequence[La
     if not named:
         raise NoParametersError(
             f"{type(model).__name__} has no parameters, so there is nothing to freeze or unfreeze. "
-            "Pass the model after its layers are built (for lazy modules, after one forward pass)."
+            "Pass the model that holds the layers to fine-tune."
         )
     if not targets:
         return {id(p): (name, p) for name, p in named}
@@ -204,12 +219,13 @@ class _Resolver:
         self.model = model
         self.named = named
         self.names = {id(p): name for name, p in named}
-        self._groups = list(groups) if groups is not None else None
+        self._given_groups = groups
+        self._groups: list[LayerGroup] | None = None
 
     @property
     def groups(self) -> list[LayerGroup]:
         if self._groups is None:
-            self._groups = layer_groups(self.model)
+            self._groups = resolve_groups(self.model, self._given_groups)
         return self._groups
 
     def select(self, target: Target) -> _Selection:

@@ -15,6 +15,7 @@ from .heads import _find_head_name
 
 __all__ = ["LayerGroup", "layer_groups"]
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,12 +67,14 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
 
     The split follows the module tree. Each ``nn.Sequential`` or ``nn.ModuleList`` that
     repeats a block class (ResNet's ``layer1``, MobileNetV2's ``features``, BERT's
-    ``encoder.layer``) is a block stack, and each of its children becomes a group; nested
-    stacks are walked in order. The modules in front of the first stack form ``"stem"``,
-    modules between or after stacks form groups of their own, and the output layer found
-    by :func:`finetunekit.find_head` is the last group. A model with no block stack gets a
-    group per child that holds parameters. Modules without parameters (activations,
-    pooling, dropout) join the group before them. The model is not modified.
+    ``encoder.layer``) is a block stack, and each of its children becomes a group. Nested
+    stacks are walked in order, and sibling modules of one repeated composite class (GoogLeNet's
+    ``inception3a``, ``inception3b``, ...) are blocks too. The other modules in front of
+    the first block form ``"stem"``, other modules between or after blocks form groups of
+    their own, and the output layer found by :func:`finetunekit.find_head` is the last
+    group. A model with no block stack gets a group per child that holds parameters.
+    Modules without parameters (activations, pooling, dropout) join the group before
+    them. The model is not modified.
 
     Args:
         model: Any module with parameters.
@@ -79,7 +82,8 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     Returns:
         The layer groups. Every parameter of the model is in exactly one group; a
         parameter reached under two names (tied weights) belongs to the first group that
-        reaches it, and the later group lists the name in ``tied``.
+        reaches it, and the later group lists the name in ``tied``. A head whose weights
+        are all tied to the input embeddings is kept as an empty head group.
 
     Raises:
         NoParametersError: If ``model`` has no parameters.
@@ -92,7 +96,7 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     if next(model.parameters(), None) is None:
         raise NoParametersError(
             f"{type(model).__name__} has no parameters, so it has no layer groups to freeze or "
-            "train. Pass the model after its layers are built (for lazy modules, after one forward pass)."
+            "train. Pass the model that holds the layers to fine-tune."
         )
 
     head_name = _find_head_name(model)
@@ -144,9 +148,10 @@ class _Planner:
         if _has_direct_parameters(module):
             self.pending.append(_Entry(prefix, module, direct=True))
 
-        # Siblings of one block class (GoogLeNet's inception3a, inception3b, ...) are blocks
-        # even when no Sequential holds them.
-        repeated = _repeated_classes(module)
+        # Composite siblings of one block class (GoogLeNet's inception3a, inception3b, ...)
+        # are blocks even when no Sequential holds them. Leaf layers such as GPT-2's two
+        # embeddings are not, so they stay together in the stem.
+        repeated = {cls for cls in _repeated_classes(module) if not _is_leaf_class(module, cls)}
         for name, child in module.named_children():
             qualified = join_name(prefix, name)
             if qualified == self.head_name:
@@ -201,6 +206,11 @@ def _repeated_classes(module: nn.Module) -> set[type[nn.Module]]:
     return {cls for cls, count in counts.items() if count >= 2}
 
 
+def _is_leaf_class(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether the children of ``module`` of class ``cls`` have no children of their own."""
+    return all(next(child.children(), None) is None for child in module.children() if type(child) is cls)
+
+
 def _is_stack(module: nn.Module) -> bool:
     """Whether ``module`` is a Sequential or ModuleList that repeats a block class."""
     return isinstance(module, (nn.Sequential, nn.ModuleList)) and bool(_repeated_classes(module))
@@ -231,8 +241,9 @@ def _assign_parameters(
                 params.append((name, param))
 
         modules = [(e.name, e.module) for e in carried + group_entries]
-        if not params:
-            # Parameter-free modules (activations, pooling) join the group before them.
+        if not params and not (is_head and tied):
+            # Parameter-free modules (activations, pooling) join the group before them. A head
+            # whose weights are all tied to an earlier group stays, so the head is still known.
             if groups and not is_head:
                 groups[-1].modules.extend(modules)
             else:
@@ -263,3 +274,26 @@ def _check_coverage(model: nn.Module, seen: set[int]) -> None:
             f"layer_groups left {len(missing)} parameters of {type(model).__name__} out of every "
             f"group (first: {missing[:3]}). This is a finetunekit bug; please report it with the model."
         )
+
+
+def resolve_groups(model: nn.Module, groups: Sequence[LayerGroup] | None) -> list[LayerGroup]:
+    """Return ``groups`` checked against ``model``, or ``layer_groups(model)`` when None.
+
+    Raises:
+        ValueError: If the groups miss a parameter of the model or hold one the model no
+            longer has, as after ``replace_head`` on a model whose groups were computed before.
+    """
+    if groups is None:
+        return layer_groups(model)
+    groups = list(groups)
+    grouped = {id(p) for g in groups for p in g.parameters()}
+    named = list(named_parameters_once(model))
+    missing = [name for name, p in named if id(p) not in grouped]
+    stale = len(grouped - {id(p) for _, p in named})
+    if missing or stale:
+        raise ValueError(
+            f"groups= does not match the parameters of {type(model).__name__}: {len(missing)} parameters "
+            f"are in no group (first: {missing[:3]}) and {stale} grouped tensors are no longer in the model. "
+            "Recompute the groups with layer_groups(model) after changing the model, for example after replace_head."
+        )
+    return groups

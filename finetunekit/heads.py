@@ -84,9 +84,12 @@ def replace_head(
 
     Raises:
         HeadNotFoundError: If ``head`` is None and no output layer can be recognised.
+        TypeError: If ``num_classes`` is neither an int nor a module.
         ValueError: If ``num_classes`` is not a positive integer, ``head`` names no
             module, or ``pooling`` is not one of the values above.
-        NotImplementedError: If ``pooling`` is given for a model without a BERT-style pooler.
+        NotImplementedError: If ``pooling`` is given for a model without a BERT-style
+            pooler, or an int ``num_classes`` meets an output layer that is neither
+            ``nn.Linear`` nor ``nn.Conv2d``.
 
     Example:
         >>> import torchvision
@@ -279,12 +282,15 @@ def _record_num_classes(model: nn.Module, num_classes: int) -> None:
 
 def _pooling_base(model: nn.Module, pooling: Pooling) -> nn.Module:
     base = getattr(model, "base_model", None)
-    if base is None or not hasattr(base, "pooler"):
+    # RoBERTa-style models keep a `pooler` attribute set to None because their classifier
+    # reads the first token itself, so a pooler put there would never run.
+    if base is None or getattr(base, "pooler", None) is None:
         raise NotImplementedError(
             f"pooling={pooling!r} needs a Hugging Face encoder with a BERT-style `pooler` "
-            f"(BERT, MiniLM, ...); {type(model).__name__} has none. Pass pooling=None."
+            f"(BERT, MiniLM, ...) whose classifier reads the pooled output; {type(model).__name__} has "
+            "none. Pass pooling=None."
         )
-    if pooling == "pooler" and (base.pooler is None or isinstance(base.pooler, TokenPooler)):
+    if pooling == "pooler" and isinstance(base.pooler, TokenPooler):
         raise ValueError(
             f"pooling='pooler' needs the pretrained pooler, but {type(base).__name__}.pooler "
             f"is {base.pooler!r}. Reload the model, or pass pooling='cls' or 'mean'."

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import NoParametersError
-from .groups import LayerGroup, layer_groups
+from .groups import LayerGroup, resolve_groups
 
 __all__ = ["ParamGroup", "is_no_decay", "layer_lrs", "param_groups"]
 
@@ -57,18 +57,19 @@ def param_groups(
 
     Raises:
         NoParametersError: If no parameter of ``model`` is trainable.
-        ValueError: If ``lr`` is not positive or a slice is malformed.
+        ValueError: If a rate is not positive and finite, a slice has a step or ``lo > hi``,
+            or ``groups`` does not match the model's parameters.
 
     Example:
         >>> model = torchvision.models.resnet18(weights=None)
-        >>> freeze_to(model, -3)  # layer4.0, layer4.1 and fc train
+        >>> _ = freeze_to(model, -3)  # layer4.0, layer4.1 and fc train
         >>> groups = param_groups(model, lr=slice(1e-5, 1e-3), weight_decay=0.05)
         >>> [(g["name"], g["lr"], g["no_decay"]) for g in groups]
         [('layer4.0', 1e-05, False), ('layer4.0', 1e-05, True), ('layer4.1', 0.0001, False),
          ('layer4.1', 0.0001, True), ('fc', 0.001, False), ('fc', 0.001, True)]
         >>> optimizer = torch.optim.AdamW(groups)
     """
-    groups = list(groups) if groups is not None else layer_groups(model)
+    groups = resolve_groups(model, groups)
     # Rates span the trainable groups only, so that training the top three groups with
     # slice(1e-4, 1e-3) gives 1e-4 to the lowest of them, whatever sits frozen below.
     first = next((i for i, g in enumerate(groups) if any(p.requires_grad for p in g.parameters())), len(groups))
@@ -109,7 +110,7 @@ def layer_lrs(lr: float | slice, num_groups: int) -> list[float]:
         One learning rate per group.
 
     Raises:
-        ValueError: If a rate is not positive or finite, or the slice has a step.
+        ValueError: If a rate is not positive and finite, the slice has a step, or ``lo > hi``.
 
     Example:
         >>> layer_lrs(slice(1e-5, 1e-3), 3)
@@ -122,6 +123,11 @@ def layer_lrs(lr: float | slice, num_groups: int) -> list[float]:
         if lr.start is None:
             return [high / 10] * (num_groups - 1) + [high]
         low = _positive(lr.start, "the slice's start")
+        if low > high:
+            raise ValueError(
+                f"lr={lr!r} falls toward the head; pass slice(lo, hi) with lo <= hi, "
+                "so the head gets the largest rate."
+            )
         if num_groups == 1:
             return [high]
         ratio = high / low

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .freezing import FreezeSummary, freeze_to, unfreeze
-from .groups import LayerGroup, layer_groups
+from .groups import LayerGroup, resolve_groups
 from .param_groups import param_groups
 
 __all__ = ["Phase", "Trainer", "accuracy"]
@@ -95,7 +95,7 @@ class Phase:
         """
         if self.train_groups == "all":
             return unfreeze(model, groups=groups)
-        groups = list(groups) if groups is not None else layer_groups(model)
+        groups = resolve_groups(model, groups)
         if self.train_groups > len(groups):
             raise IndexError(
                 f"Phase {self.name!r} trains {self.train_groups} layer groups, but "
@@ -108,9 +108,9 @@ class Trainer:
     """Run fine-tuning phases over a model, validating after each epoch.
 
     At the start of each phase the trainer applies the phase's freezing, builds parameter
-    groups with :func:`finetunekit.param_groups` and a new optimizer, and copies the
-    optimizer state (such as Adam's moments) of every parameter that was already
-    trainable. Batches are ``(inputs, labels)`` pairs, or mappings with a ``"labels"``
+    groups with :func:`finetunekit.param_groups` and a new optimizer, and gives every
+    parameter that trained in an earlier phase its optimizer state (such as Adam's
+    moments) back. Batches are ``(inputs, labels)`` pairs, or mappings with a ``"labels"``
     key whose other entries are passed to the model as keyword arguments (Hugging Face
     style). A model output with a ``logits`` attribute is read through it.
 
@@ -125,7 +125,8 @@ class Trainer:
         optimizer_kwargs: Extra keyword arguments for the optimizer, such as ``betas``.
         device: Device for the model and batches; the model's current device by default.
         max_grad_norm: Clip the gradient norm of the trainable parameters to this value.
-        groups: Layer groups to use instead of ``layer_groups(model)``.
+        groups: Layer groups to use instead of ``layer_groups(model)``, which is called
+            at the start of each phase.
         progress: Show a tqdm progress bar for each epoch.
 
     Example:
@@ -165,9 +166,10 @@ class Trainer:
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_grad_norm = max_grad_norm
-        self.groups = list(groups) if groups is not None else layer_groups(model)
+        self.groups = list(groups) if groups is not None else None
         self.progress = progress
         self.optimizer: torch.optim.Optimizer | None = None
+        self._saved_state: dict[torch.Tensor, Any] = {}
         self.history: list[dict[str, Any]] = []
 
     def fit(self) -> list[dict[str, Any]]:
@@ -226,16 +228,20 @@ class Trainer:
         return results
 
     def _start_phase(self, phase: Phase) -> None:
-        summary = phase.apply(self.model, groups=self.groups)
-        groups = param_groups(self.model, phase.lr, weight_decay=phase.weight_decay, groups=self.groups)
+        # Groups are found per phase, so a head replaced after the Trainer was built is seen.
+        layers = resolve_groups(self.model, self.groups)
+        summary = phase.apply(self.model, groups=layers)
+        groups = param_groups(self.model, phase.lr, weight_decay=phase.weight_decay, groups=layers)
         new = self.optimizer_class(groups, **self.optimizer_kwargs)
 
-        # Parameters that stay trainable keep their optimizer state (moments, step counts).
+        # A parameter that trained in any earlier phase gets its optimizer state (moments,
+        # step count) back, also after a phase in which it was frozen.
         if self.optimizer is not None:
-            for group in new.param_groups:
-                for param in group["params"]:
-                    if param in self.optimizer.state:
-                        new.state[param] = self.optimizer.state[param]
+            self._saved_state.update(self.optimizer.state)
+        for group in new.param_groups:
+            for param in group["params"]:
+                if param in self._saved_state:
+                    new.state[param] = self._saved_state[param]
         self.optimizer = new
         logger.info(
             "phase %s: %s trainable values in %d param groups",

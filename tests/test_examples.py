@@ -49,11 +49,12 @@ def test_image_example_loss_falls():
     example = load_example("image_classification")
 
     name, history = example.run(
-        image_size=32, batch_size=64, head_epochs=2, finetune_epochs=1, max_train=768, max_val=256, progress=False
+        image_size=32, batch_size=64, head_epochs=2, finetune_epochs=2, max_train=768, max_val=256, progress=False
     )
 
     assert name in ("fashion-mnist", "sklearn-digits")
-    assert [r["phase"] for r in history] == ["head", "head", "top8"]
+    assert [r["phase"] for r in history] == ["head", "head", "top8", "top8"]
     assert history[1]["train_loss"] < history[0]["train_loss"]
-    assert history[2]["train_loss"] < history[0]["train_loss"]
+    assert history[3]["train_loss"] < history[2]["train_loss"]
+    assert history[3]["trainable_params"] > history[0]["trainable_params"]
     assert history[-1]["val_accuracy"] > 0.3

@@ -164,3 +164,49 @@ def test_num_params_counts_values(resnet):
 
     assert groups[-1].num_params == 512 * 1000 + 1000
     assert sum(g.num_params for g in groups) == sum(p.numel() for p in resnet.parameters())
+
+
+def test_fully_tied_head_stays_as_empty_group():
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model = TinyLM()
+
+    groups = ftk.layer_groups(model)
+
+    assert [g.name for g in groups] == ["embed", "blocks.0", "blocks.1", "lm_head"]
+    assert groups[-1].is_head
+    assert groups[-1].params == []
+    assert groups[-1].tied == ["lm_head.weight"]
+    with pytest.warns(ftk.FinetuneKitWarning, match=r"leaves no parameter trainable.*\['lm_head.weight'\]"):
+        ftk.freeze_to(model, -1)
+
+
+def test_stale_groups_raise(resnet):
+    groups = ftk.layer_groups(resnet)
+    ftk.replace_head(resnet, 3)
+
+    with pytest.raises(ValueError, match=r"groups= does not match the parameters of ResNet: 2 parameters .*'fc.weight'"):
+        ftk.freeze_to(resnet, -1, groups=groups)
+    with pytest.raises(ValueError, match="Recompute the groups with layer_groups"):
+        ftk.param_groups(resnet, lr=1e-3, groups=groups)
+
+
+def test_gpt2_embeddings_form_stem_and_head_is_tied():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=100, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config)
+
+    groups = ftk.layer_groups(model)
+
+    assert [g.name for g in groups] == ["stem", "transformer.h.0", "transformer.h.1", "transformer.ln_f", "lm_head"]
+    assert {n for n, _ in groups[0].named_parameters()} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert groups[-1].is_head
+    assert groups[-1].tied == ["lm_head.weight"]
+    assert_each_parameter_once(model, groups)

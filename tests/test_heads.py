@@ -74,13 +74,16 @@ def test_replace_head_bert_output_and_config(bert):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_replace_head_keeps_dtype(resnet, dtype):
-    resnet.to(dtype)
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_replace_head_keeps_dtype(arch, dtype):
+    model = getattr(torchvision.models, arch)(weights=None).to(dtype)
 
-    new = ftk.replace_head(resnet, 3)
+    new = ftk.replace_head(model, 3)
 
     assert new.weight.dtype == dtype
-    assert resnet.eval()(torch.randn(2, 3, 32, 32, dtype=dtype)).dtype == dtype
+    output = model.eval()(torch.randn(2, 3, 32, 32, dtype=dtype))
+    assert output.shape == (2, 3)
+    assert output.dtype == dtype
 
 
 def test_replace_head_keeps_device():
@@ -205,3 +208,33 @@ def test_replace_head_with_explicit_name():
     ftk.replace_head(model, 2, head="2")
 
     assert model(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_pooling_on_roberta_raises():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
+    )
+    model = RobertaForSequenceClassification(config)
+    head = model.classifier.out_proj
+
+    with pytest.raises(NotImplementedError, match="RobertaForSequenceClassification has none"):
+        ftk.replace_head(model, 3, pooling="mean")
+
+    assert model.classifier.out_proj is head
+
+
+def test_roberta_head_is_out_proj():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
+    )
+    model = RobertaForSequenceClassification(config)
+
+    ftk.replace_head(model, 4)
+
+    assert ftk.find_head(model)[0] == "classifier.out_proj"
+    assert model.classifier.out_proj.out_features == 4
+    assert isinstance(model.classifier.dense, nn.Linear)

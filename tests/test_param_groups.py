@@ -137,9 +137,19 @@ def test_no_trainable_parameters_raises(resnet):
         ftk.param_groups(resnet, lr=1e-3)
 
 
-@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), slice(0, 1e-3), slice(1e-5, 1e-3, 2)])
-def test_bad_lr_raises(resnet, lr):
-    with pytest.raises(ValueError, match="lr|Learning rate"):
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        (0.0, r"lr=0.0 must be a positive finite number"),
+        (-1e-3, r"lr=-0.001 must be a positive finite number"),
+        (float("nan"), r"lr=nan must be a positive finite number"),
+        (slice(0, 1e-3), r"start=0 must be a positive finite number"),
+        (slice(1e-5, 1e-3, 2), r"has a step"),
+        (slice(1e-3, 1e-5), r"falls toward the head"),
+    ],
+)
+def test_bad_lr_raises(resnet, lr, message):
+    with pytest.raises(ValueError, match=message):
         ftk.param_groups(resnet, lr=lr)
 
 

@@ -70,7 +70,7 @@ def test_head_phase_keeps_body_bit_identical(digits):
 
 
 def test_optimizer_state_carries_across_phases(digits):
-    train_loader, val_loader = digits
+    train_loader, _ = digits
     model = small_cnn()
     phases = [ftk.Phase(1, train_groups=1, lr=1e-2), ftk.Phase(1, train_groups=2, lr=1e-3)]
     trainer = ftk.Trainer(model, phases, train_loader, None, progress=False)
@@ -82,6 +82,31 @@ def test_optimizer_state_carries_across_phases(digits):
     assert float(state[model[4].weight]["step"]) == 2 * steps
     assert float(state[model[1][0].weight]["step"]) == steps
     assert model[0][0].weight not in state
+
+
+def test_optimizer_state_returns_after_frozen_phase(digits):
+    train_loader, _ = digits
+    model = small_cnn()
+    phases = [ftk.Phase(1, train_groups=2), ftk.Phase(1, train_groups=1), ftk.Phase(1, train_groups=2)]
+    trainer = ftk.Trainer(model, phases, train_loader, progress=False)
+
+    trainer.fit()
+
+    steps = len(train_loader)
+    assert float(trainer.optimizer.state[model[1][0].weight]["step"]) == 2 * steps
+    assert float(trainer.optimizer.state[model[4].weight]["step"]) == 3 * steps
+
+
+def test_trainer_sees_head_replaced_later(digits):
+    train_loader, _ = digits
+    model = small_cnn()
+    trainer = ftk.Trainer(model, [ftk.Phase(1, train_groups=1)], train_loader, progress=False)
+    new_head = ftk.replace_head(model, 10)
+    before = new_head.weight.detach().clone()
+
+    trainer.fit()
+
+    assert not torch.equal(new_head.weight, before)
 
 
 def test_cosine_schedule_keeps_ratios(digits):
