@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
-from ._utils import join_name, named_parameters_once
-from .errors import NoParametersError
+from ._discovery import Entry, plan_groups
+from ._utils import close_matches, format_suggestions, named_parameters_once
+from .errors import NoMatchingTargetError, NoParametersError
 from .heads import _find_head_name
 
-__all__ = ["LayerGroup", "layer_groups"]
-
+__all__ = ["LayerGroup", "Split", "layer_groups"]
 
 logger = logging.getLogger(__name__)
 
+Split = Callable[[nn.Module], Any] | Mapping[str, Any]
+"""A user's own grouping for :func:`layer_groups`: a mapping from group names to module
+names, parameter names or glob patterns (or lists of them), or a callable that takes the
+model and returns such a mapping, or a list of groups, each a module, parameter, name or
+pattern, or a list of those."""
 
 @dataclass(eq=False)
 class LayerGroup:
@@ -62,22 +69,43 @@ class LayerGroup:
         return f"LayerGroup({self.name!r}, {len(self.params)} tensors, {self.num_params:,} values{head})"
 
 
-def layer_groups(model: nn.Module) -> list[LayerGroup]:
+def layer_groups(
+    model: nn.Module,
+    *,
+    split: Split | None = None,
+    example_input: Any = None,
+    num_groups: int | None = None,
+) -> list[LayerGroup]:
     """Split ``model`` into ordered layer groups, input side first and head last.
 
-    The split follows the module tree. Each ``nn.Sequential`` or ``nn.ModuleList`` that
-    repeats a block class (ResNet's ``layer1``, MobileNetV2's ``features``, BERT's
-    ``encoder.layer``) is a block stack, and each of its children becomes a group. Nested
-    stacks are walked in order, and sibling modules of one repeated composite class (GoogLeNet's
-    ``inception3a``, ``inception3b``, ...) are blocks too. The other modules in front of
-    the first block form ``"stem"``, other modules between or after blocks form groups of
-    their own, and the output layer found by :func:`finetunekit.find_head` is the last
-    group. A model with no block stack gets a group per child that holds parameters.
-    Modules without parameters (activations, pooling, dropout) join the group before
-    them. The model is not modified.
+    Without ``split`` the groups are found from the module tree. Each ``nn.Sequential``
+    or ``nn.ModuleList`` that repeats a block class (ResNet's ``layer1``, MobileNetV2's
+    ``features``, BERT's ``encoder.layer``) is a block stack, and each of its children
+    becomes a group. Nested stacks are walked in order, a stage that wraps a stack of
+    blocks is split into its blocks, and sibling modules of one repeated composite class
+    (GoogLeNet's ``inception3a``, ``inception3b``, ...) are blocks too. The other modules
+    in front of the first block form ``"stem"``, other modules between or after blocks
+    form groups of their own, and the output layer found by :func:`finetunekit.find_head`
+    is the last group, together with any auxiliary heads (GoogLeNet, Inception v3). A
+    model with no block stack gets a group per child that holds parameters. Modules
+    without parameters (activations, pooling, dropout) join the group before them. The
+    model is not modified.
 
     Args:
         model: Any module with parameters.
+        split: Groups of your own, in order, head last: a mapping such as
+            ``{"backbone": "features.*", "head": "classifier"}`` from group names to module
+            names, parameter names or glob patterns (or lists of them), or a callable that
+            takes the model and returns such a mapping or a list of groups. Each group may
+            also hold modules or parameters themselves.
+        example_input: An input for ``model(example_input)`` (a tensor, a tuple of
+            arguments or a dict of keyword arguments). When given, the automatic groups are
+            put in the order in which the forward pass first runs them, which matters for
+            models that register modules in another order than they call them. The model
+            runs once in eval mode under ``torch.no_grad()`` and its mode is restored.
+        num_groups: Merge the groups into this many coarser groups of near-equal depth:
+            the head stays a group of its own and the body groups are cut into
+            ``num_groups - 1`` contiguous runs whose lengths differ by at most one.
 
     Returns:
         The layer groups. Every parameter of the model is in exactly one group; a
@@ -87,11 +115,16 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
 
     Raises:
         NoParametersError: If ``model`` has no parameters.
+        NoMatchingTargetError: If a name or pattern in ``split`` matches nothing.
+        ValueError: If ``split`` leaves parameters out or puts one in two groups (the
+            message names them), or ``num_groups`` is out of range.
 
     Example:
         >>> import torchvision
         >>> [g.name for g in layer_groups(torchvision.models.resnet18(weights=None))]
         ['stem', 'layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.0', 'layer3.1', 'layer4.0', 'layer4.1', 'fc']
+        >>> [g.name for g in layer_groups(torchvision.models.resnet18(weights=None), num_groups=3)]
+        ['stem..layer2.1', 'layer3.0..layer4.1', 'fc']
     """
     if next(model.parameters(), None) is None:
         raise NoParametersError(
@@ -99,140 +132,48 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
             "train. Pass the model that holds the layers to fine-tune."
         )
 
-    head_name = _find_head_name(model)
-    planner = _Planner(head_name)
-    planner.plan(model)
-    entries = planner.groups
-    if head_name is not None:
-        entries.append([_Entry(head_name, model.get_submodule(head_name), direct=False)])
+    if split is not None:
+        groups = _split_groups(model, split)
+    else:
+        groups = _automatic_groups(model)
+        if example_input is not None:
+            groups = _in_execution_order(model, groups, example_input)
 
-    groups = _assign_parameters(model, entries, head_name)
+    if num_groups is not None:
+        groups = _merge(groups, num_groups)
     logger.debug("layer groups of %s: %s", type(model).__name__, [g.name for g in groups])
     return groups
 
 
-@dataclass
-class _Entry:
-    """A module in a planned group; ``direct`` means only its own parameters, not its children's."""
+def _automatic_groups(model: nn.Module) -> list[LayerGroup]:
+    head_name = _find_head_name(model)
+    head_names = [head_name, *_auxiliary_heads(model)] if head_name is not None else []
+    planned = plan_groups(model, head_names)
+    if head_names:
+        planned.append([Entry(name, model.get_submodule(name), direct=False) for name in head_names])
 
-    name: str
-    module: nn.Module
-    direct: bool
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, param in self.module.named_parameters(recurse=not self.direct, remove_duplicate=False):
-            yield join_name(self.name, name), param
-
-
-class _Planner:
-    """Walk the module tree and collect the groups as lists of entries, head excluded."""
-
-    def __init__(self, head_name: str | None) -> None:
-        self.head_name = head_name
-        self.groups: list[list[_Entry]] = []
-        self.pending: list[_Entry] = []
-
-    def plan(self, model: nn.Module) -> None:
-        if _contains_stack(model):
-            self.visit_container(model, "")
-        else:
-            self.visit_stack(model, "")
-        self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            self.groups.append(self.pending)
-            self.pending = []
-
-    def visit_container(self, module: nn.Module, prefix: str) -> None:
-        if _has_direct_parameters(module):
-            self.pending.append(_Entry(prefix, module, direct=True))
-
-        # Composite siblings of one block class (GoogLeNet's inception3a, inception3b, ...)
-        # are blocks even when no Sequential holds them. Leaf layers such as GPT-2's two
-        # embeddings are not, so they stay together in the stem.
-        repeated = {cls for cls in _repeated_classes(module) if not _is_leaf_class(module, cls)}
-        for name, child in module.named_children():
-            qualified = join_name(prefix, name)
-            if qualified == self.head_name:
-                continue
-            if self._is_head_ancestor(qualified):
-                self.visit_container(child, qualified)
-            elif _is_stack(child):
-                self.flush()
-                self.visit_stack(child, qualified)
-            elif type(child) in repeated:
-                self.flush()
-                self.pending.append(_Entry(qualified, child, direct=False))
-                self.flush()
-            elif _contains_stack(child):
-                self.visit_container(child, qualified)
-            else:
-                self.pending.append(_Entry(qualified, child, direct=False))
-
-    def visit_stack(self, stack: nn.Module, prefix: str) -> None:
-        if _has_direct_parameters(stack):
-            self.flush()
-            self.pending.append(_Entry(prefix, stack, direct=True))
-
-        for name, child in stack.named_children():
-            qualified = join_name(prefix, name)
-            if qualified == self.head_name:
-                continue
-            self.flush()
-            if self._is_head_ancestor(qualified):
-                self.visit_container(child, qualified)
-            elif _is_stack(child):
-                self.visit_stack(child, qualified)
-            else:
-                self.pending.append(_Entry(qualified, child, direct=False))
-        self.flush()
-
-    def _is_head_ancestor(self, name: str) -> bool:
-        return self.head_name is not None and self.head_name.startswith(name + ".")
+    groups = _assign_parameters(model, planned, has_head=bool(head_names))
+    _check_coverage(model, groups)
+    return groups
 
 
-def _has_direct_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(recurse=False), None) is not None
+def _auxiliary_heads(model: nn.Module) -> list[str]:
+    # TODO: use the helper in heads.py once it lands.
+    names = ("aux1", "aux2", "AuxLogits")
+    return [n for n, child in model.named_children() if n in names and child is not None]
 
 
-def _has_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
-
-
-def _repeated_classes(module: nn.Module) -> set[type[nn.Module]]:
-    """Return the classes of which ``module`` has two or more children with parameters."""
-    counts = Counter(type(child) for child in module.children() if _has_parameters(child))
-    return {cls for cls, count in counts.items() if count >= 2}
-
-
-def _is_leaf_class(module: nn.Module, cls: type[nn.Module]) -> bool:
-    """Whether the children of ``module`` of class ``cls`` have no children of their own."""
-    return all(next(child.children(), None) is None for child in module.children() if type(child) is cls)
-
-
-def _is_stack(module: nn.Module) -> bool:
-    """Whether ``module`` is a Sequential or ModuleList that repeats a block class."""
-    return isinstance(module, (nn.Sequential, nn.ModuleList)) and bool(_repeated_classes(module))
-
-
-def _contains_stack(module: nn.Module) -> bool:
-    return any(_is_stack(sub) for sub in module.modules())
-
-
-def _assign_parameters(
-    model: nn.Module, entries: Sequence[list[_Entry]], head_name: str | None
-) -> list[LayerGroup]:
+def _assign_parameters(model: nn.Module, planned: Sequence[list[Entry]], *, has_head: bool) -> list[LayerGroup]:
     """Turn planned entries into groups, each parameter owned by the first group that reaches it."""
     seen: set[int] = set()
     groups: list[LayerGroup] = []
-    carried: list[_Entry] = []
+    carried: list[Entry] = []
 
-    for index, group_entries in enumerate(entries):
-        is_head = head_name is not None and index == len(entries) - 1
+    for index, entries in enumerate(planned):
+        is_head = has_head and index == len(planned) - 1
         params: list[tuple[str, nn.Parameter]] = []
         tied: list[str] = []
-        for entry in group_entries:
+        for entry in entries:
             for name, param in entry.named_parameters():
                 if id(param) in seen:
                     tied.append(name)
@@ -240,40 +181,226 @@ def _assign_parameters(
                 seen.add(id(param))
                 params.append((name, param))
 
-        modules = [(e.name, e.module) for e in carried + group_entries]
+        modules = [(e.name, e.module) for e in carried + entries]
         if not params and not (is_head and tied):
             # Parameter-free modules (activations, pooling) join the group before them. A head
             # whose weights are all tied to an earlier group stays, so the head is still known.
             if groups and not is_head:
                 groups[-1].modules.extend(modules)
             else:
-                carried = carried + group_entries
+                carried = carried + entries
             continue
 
         carried = []
-        name = _group_name(group_entries, first=not groups, is_head=is_head)
+        name = entries[0].name if is_head else _group_name(entries, first=not groups)
         groups.append(LayerGroup(name, modules, params, is_head=is_head, tied=tied))
-
-    _check_coverage(model, seen)
     return groups
 
 
-def _group_name(entries: list[_Entry], *, first: bool, is_head: bool) -> str:
-    names = [e.name for e in entries if _has_parameters(e.module) or e.direct]
+def _group_name(entries: list[Entry], *, first: bool) -> str:
+    names = [e.name for e in entries if e.direct or next(e.module.parameters(), None) is not None]
     if len(names) == 1 and names[0]:
         return names[0]
-    if first and not is_head:
+    if first:
         return "stem"
     return "+".join(n or "<root>" for n in names)
 
 
-def _check_coverage(model: nn.Module, seen: set[int]) -> None:
-    missing = [name for name, param in named_parameters_once(model) if id(param) not in seen]
+def _check_coverage(model: nn.Module, groups: Sequence[LayerGroup]) -> None:
+    grouped = {id(p) for g in groups for p in g.parameters()}
+    missing = [name for name, param in named_parameters_once(model) if id(param) not in grouped]
     if missing:
         raise RuntimeError(
             f"layer_groups left {len(missing)} parameters of {type(model).__name__} out of every "
             f"group (first: {missing[:3]}). This is a finetunekit bug; please report it with the model."
         )
+
+
+# --- a user's own split -------------------------------------------------------------------
+
+
+def _split_groups(model: nn.Module, split: Split) -> list[LayerGroup]:
+    spec = split(model) if callable(split) and not isinstance(split, Mapping) else split
+    if isinstance(spec, Mapping):
+        named_specs = [(str(name), items) for name, items in spec.items()]
+    elif isinstance(spec, Sequence) and not isinstance(spec, str):
+        named_specs = [(None, items) for items in spec]
+    else:
+        raise TypeError(
+            f"split returned {type(spec).__name__}; return a mapping from group names to names or "
+            "patterns, or a list of groups."
+        )
+    if not named_specs:
+        raise ValueError("split gave no groups; give at least one group, head last.")
+
+    resolver = _SplitResolver(model)
+    owner: dict[int, tuple[str, str]] = {}
+    groups: list[LayerGroup] = []
+    for index, (name, items) in enumerate(named_specs):
+        modules, params = resolver.resolve(items)
+        group_name = name or _default_split_name(modules, index)
+        owned, tied = [], []
+        for param_name, param in params:
+            previous = owner.get(id(param))
+            if previous is None:
+                owner[id(param)] = (group_name, param_name)
+                owned.append((param_name, param))
+            elif previous[1] == param_name:
+                raise ValueError(
+                    f"split puts parameter {param_name!r} in two groups, {previous[0]!r} and "
+                    f"{group_name!r}. Make the names or patterns of the groups disjoint."
+                )
+            else:
+                tied.append(param_name)
+        is_head = index == len(named_specs) - 1
+        groups.append(LayerGroup(group_name, modules, owned, is_head=is_head, tied=tied))
+
+    missing = [name for name, param in named_parameters_once(model) if id(param) not in owner]
+    if missing:
+        raise ValueError(
+            f"split leaves {len(missing)} parameters of {type(model).__name__} out of every group: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Add their modules to a group."
+        )
+    return groups
+
+
+def _default_split_name(modules: list[tuple[str, nn.Module]], index: int) -> str:
+    return modules[0][0] if len(modules) == 1 and modules[0][0] else f"group{index}"
+
+
+class _SplitResolver:
+    """Turn the items of one group of a user's split into modules and named parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.module_names = {id(m): n for n, m in reversed(list(self.modules.items()))}
+        self.named = list(model.named_parameters(remove_duplicate=False))
+        self.param_names = {id(p): n for n, p in reversed(self.named)}
+
+    def resolve(self, items: Any) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Parameter]]]:
+        if isinstance(items, (str, nn.Module, torch.Tensor)) or not isinstance(items, Iterable):
+            items = [items]
+        modules: list[tuple[str, nn.Module]] = []
+        params: dict[str, nn.Parameter] = {}
+        for item in items:
+            found_modules, found_params = self._resolve_item(item)
+            modules.extend(found_modules)
+            for module_name, module in found_modules:
+                for name, param in module.named_parameters(prefix=module_name, remove_duplicate=False):
+                    params.setdefault(name, param)
+            for name, param in found_params:
+                params.setdefault(name, param)
+        return modules, list(params.items())
+
+    def _resolve_item(self, item: Any) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Parameter]]]:
+        if isinstance(item, nn.Parameter):
+            if id(item) not in self.param_names:
+                raise ValueError(f"split names a parameter of shape {tuple(item.shape)} that is not in the model.")
+            return [], [(self.param_names[id(item)], item)]
+        if isinstance(item, nn.Module):
+            if id(item) not in self.module_names:
+                raise ValueError(f"split names a {type(item).__name__} module that is not part of the model.")
+            return [(self.module_names[id(item)], item)], []
+        if not isinstance(item, str):
+            raise TypeError(
+                f"split item {item!r} has type {type(item).__name__}; use a module or parameter "
+                "name, a glob pattern, a module or a parameter."
+            )
+        return self._resolve_name(item)
+
+    def _resolve_name(self, pattern: str) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Parameter]]]:
+        if pattern in self.modules:
+            return [(pattern, self.modules[pattern])], []
+        params = [(n, p) for n, p in self.named if n == pattern]
+        if params:
+            return [], params
+
+        modules = [(n, m) for n, m in self.modules.items() if n and fnmatch.fnmatchcase(n, pattern)]
+        # Drop modules inside another match, so a pattern such as "layer4*" lists each block once.
+        modules = [(n, m) for n, m in modules if not any(n.startswith(o + ".") for o, _ in modules)]
+        params = [(n, p) for n, p in self.named if fnmatch.fnmatchcase(n, pattern)]
+        if modules or params:
+            return modules, params
+
+        candidates = list(self.modules) + [n for n, _ in self.named]
+        raise NoMatchingTargetError(
+            f"split pattern {pattern!r} matched no module or parameter of {type(self.model).__name__}."
+            f"{format_suggestions(close_matches(pattern, candidates))}"
+        )
+
+
+# --- ordering and merging -----------------------------------------------------------------
+
+
+def _in_execution_order(model: nn.Module, groups: list[LayerGroup], example_input: Any) -> list[LayerGroup]:
+    """Sort the body groups by the first forward call of any of their modules; the head stays last."""
+    first_call: dict[int, int] = {}
+
+    def record(module: nn.Module, args: Any) -> None:
+        first_call.setdefault(id(module), len(first_call))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, Mapping):
+                model(**example_input)
+            elif isinstance(example_input, tuple):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    body = [g for g in groups if not g.is_head]
+    head = [g for g in groups if g.is_head]
+    keys: list[float] = []
+    previous = -1.0
+    for group in body:
+        calls = [first_call[id(m)] for _, m in group.modules if id(m) in first_call]
+        # A group the forward pass never ran keeps its place after the group before it.
+        key = float(min(calls)) if calls else previous + 0.5
+        keys.append(key)
+        previous = key
+    order = sorted(range(len(body)), key=lambda i: keys[i])
+    return [body[i] for i in order] + head
+
+
+def _merge(groups: list[LayerGroup], num_groups: int) -> list[LayerGroup]:
+    body = [g for g in groups if not g.is_head]
+    head = [g for g in groups if g.is_head]
+    low = 1 + len(head) if body else len(head)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or not low <= num_groups <= len(groups):
+        raise ValueError(
+            f"num_groups={num_groups!r} is out of range: the model has {len(groups)} layer groups"
+            f"{' including the head, which stays a group of its own' if head else ''}. "
+            f"Pass {low} <= num_groups <= {len(groups)}."
+        )
+    chunks = num_groups - len(head)
+    size, extra = divmod(len(body), chunks)
+    merged: list[LayerGroup] = []
+    start = 0
+    for index in range(chunks):
+        stop = start + size + (1 if index < extra else 0)
+        merged.append(_merge_run(body[start:stop]))
+        start = stop
+    return merged + head
+
+
+def _merge_run(run: list[LayerGroup]) -> LayerGroup:
+    if len(run) == 1:
+        return run[0]
+    return LayerGroup(
+        f"{run[0].name}..{run[-1].name}",
+        [m for g in run for m in g.modules],
+        [p for g in run for p in g.params],
+        is_head=False,
+        tied=[t for g in run for t in g.tied],
+    )
 
 
 def resolve_groups(model: nn.Module, groups: Sequence[LayerGroup] | None) -> list[LayerGroup]:
