@@ -16,9 +16,11 @@ from .errors import (
     NoParametersError,
 )
 from .freezing import FreezeSummary, Target, freeze, freeze_to, unfreeze
-from .groups import LayerGroup, layer_groups
+from .groups import LayerGroup, Split, layer_groups
+from .checkpoint import load_pretrained
 from .heads import TokenPooler, find_head, replace_head
 from .param_groups import ParamGroup, is_no_decay, layer_lrs, param_groups
+from .report import Report, describe
 from .trainer import Phase, Trainer, accuracy
 
 __version__ = "0.1.0"
@@ -33,16 +35,20 @@ __all__ = [
     "NoParametersError",
     "ParamGroup",
     "Phase",
+    "Report",
+    "Split",
     "Target",
     "TokenPooler",
     "Trainer",
     "accuracy",
+    "describe",
     "find_head",
     "freeze",
     "freeze_to",
     "is_no_decay",
     "layer_groups",
     "layer_lrs",
+    "load_pretrained",
     "param_groups",
     "replace_head",
     "unfreeze",

@@ -1,14 +1,16 @@
-"""Find and replace the output layer (the head) of a model."""
+"""Find and replace the output layer (the head) of a model, and load a checkpoint around a new head."""
 
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .errors import HeadNotFoundError
+from .errors import FinetuneKitWarning, HeadNotFoundError
 
 __all__ = ["TokenPooler", "find_head", "replace_head"]
 
@@ -17,7 +19,24 @@ logger = logging.getLogger(__name__)
 # Attribute names under which torchvision, timm and Hugging Face models keep their head,
 # tried in this order. A container found here is searched for its last output layer, so
 # ``classifier`` covers both MobileNet's ``classifier[1]`` and RoBERTa's ``classifier.out_proj``.
-_HEAD_ATTRIBUTES = ("classifier", "fc", "heads", "head", "score", "lm_head", "last_linear")
+_HEAD_ATTRIBUTES = (
+    "classifier",
+    "fc",
+    "heads",
+    "head",
+    "score",
+    "lm_head",
+    "last_linear",
+    "classification_head",
+    "qa_outputs",
+)
+
+# Hugging Face names its task classes "<Arch>For<Task>" (BertForSequenceClassification) or
+# "<Arch>LMHeadModel" (GPT2LMHeadModel). The capital after "For" keeps MaskFormerModel out.
+_HF_TASK_CLASS_NAME = re.compile(r"For[A-Z]|LMHead")
+
+# How many candidate layers a HeadNotFoundError lists.
+_MAX_CANDIDATES = 5
 
 Pooling = Literal["pooler", "cls", "mean"]
 
@@ -26,10 +45,12 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     """Find the output layer of ``model``.
 
     The head is looked up under the usual attribute names (``classifier``, ``fc``,
-    ``heads``, ``head``, ``score``, ``lm_head``, ``last_linear``); inside such a container
-    the last ``nn.Linear`` (or 1x1 ``nn.Conv2d``, as in SqueezeNet) is the output layer.
-    A model with none of these attributes falls back to its last child with parameters,
-    when that child is, or ends in, a linear layer. The model is not modified.
+    ``heads``, ``head``, ``score``, ``lm_head``, ``last_linear``, ``classification_head``,
+    ``qa_outputs``). Inside such a container the last ``nn.Linear`` (or 1x1 ``nn.Conv2d``,
+    as in SqueezeNet) is the output layer. A model with none of these attributes falls back
+    to its last child with parameters, when that child is, or ends in, a linear layer.
+    Auxiliary heads, such as GoogLeNet's ``aux1.fc2``, are never returned. The model is
+    not modified.
 
     Args:
         model: Any module.
@@ -40,7 +61,8 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     Raises:
         HeadNotFoundError: If no output layer can be recognised, for example in a bare
             Hugging Face encoder loaded with ``AutoModel``, or in a torchvision model
-            whose ``fc`` was set to ``nn.Identity()``.
+            whose ``fc`` was set to ``nn.Identity()``. The message lists the model's last
+            linear and 1x1 convolution layers as candidates for ``head=``.
 
     Example:
         >>> import torchvision
@@ -69,6 +91,17 @@ def replace_head(
     Face ``config.num_labels``) are updated. Setting ``out_features`` on the existing layer
     does not resize its weight, which is why this function builds a new layer.
 
+    With an int ``num_classes``, the output layers of auxiliary heads (direct children
+    whose name starts with ``aux``: GoogLeNet's ``aux1.fc2`` and ``aux2.fc2``, Inception
+    v3's ``AuxLogits.fc``) are replaced too, with the same class count, so training with
+    ``aux_logits=True`` works. With a ready module they are left as they are, with a
+    :class:`FinetuneKitWarning`.
+
+    When the old head shared its weight with another layer, as GPT-2's ``lm_head`` shares
+    the input embeddings' weight, the new head gets a weight of its own. A Hugging Face
+    ``config.tie_word_embeddings`` is then set to False, so that ``tie_weights()``,
+    ``save_pretrained`` and ``from_pretrained`` do not tie the head back.
+
     Args:
         model: The model to change. Modified in place.
         num_classes: Number of output classes, or a ready module to use as the head.
@@ -90,6 +123,10 @@ def replace_head(
         NotImplementedError: If ``pooling`` is given for a model without a BERT-style
             pooler, or an int ``num_classes`` meets an output layer that is neither
             ``nn.Linear`` nor ``nn.Conv2d``.
+
+    Warns:
+        FinetuneKitWarning: If ``num_classes`` is a module and the model has auxiliary
+            heads, which keep their old class count.
 
     Example:
         >>> import torchvision
@@ -113,16 +150,39 @@ def replace_head(
     head_name = head if head is not None else find_head(model)[0]
     old = _get_module(model, head_name)
     base = _pooling_base(model, pooling) if pooling is not None else None
+    auxiliary = {name: model.get_submodule(name) for name in _auxiliary_head_names(model) if name != head_name}
+    tied = _shares_parameters(model, head_name)
 
     new = _build_head(old, num_classes)
-    parent_name, _, child_name = head_name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, new)
+    new_auxiliary: dict[str, nn.Module] = {}
+    if isinstance(num_classes, int):
+        new_auxiliary = {name: _build_head(layer, num_classes) for name, layer in auxiliary.items()}
+    elif auxiliary:
+        warnings.warn(
+            f"replace_head left the auxiliary heads {list(auxiliary)} of {type(model).__name__} "
+            "unchanged because num_classes is a module; in training mode they still return logits "
+            "with the old class count. Replace them yourself, or pass num_classes as an int.",
+            FinetuneKitWarning,
+            stacklevel=2,
+        )
+
+    _set_submodule(model, head_name, new)
+    for name, layer in new_auxiliary.items():
+        _set_submodule(model, name, layer)
     if isinstance(num_classes, int):
         _record_num_classes(model, num_classes)
+    if tied:
+        _untie_word_embeddings(model)
     if base is not None:
         _set_pooling(base, pooling)
 
-    logger.info("replaced head %r: %s -> %s", head_name, _describe(old), _describe(new))
+    logger.info(
+        "replaced head %r: %s -> %s%s",
+        head_name,
+        _describe(old),
+        _describe(new),
+        f"; also auxiliary heads {list(new_auxiliary)}" if new_auxiliary else "",
+    )
     return new
 
 
@@ -203,9 +263,33 @@ def _last_output_layer(module: nn.Module, prefix: str) -> str | None:
     return linear if linear is not None else conv
 
 
+def _auxiliary_head_names(model: nn.Module) -> list[str]:
+    """Return the qualified names of the output layers of ``model``'s auxiliary heads.
+
+    An auxiliary head is a direct child whose name starts with ``aux`` (any case), such as
+    GoogLeNet's ``aux1`` and ``aux2`` or Inception v3's ``AuxLogits``. Its output layer is
+    found as in the main head: the last ``nn.Linear``, else the last 1x1 ``nn.Conv2d``.
+    Children with neither are left out, and so is the main head. The names are in
+    registration order, for example ``['aux1.fc2', 'aux2.fc2']``.
+    """
+    main = _find_head_name(model)
+    names = []
+    for child_name, child in model.named_children():
+        if not child_name.lower().startswith("aux"):
+            continue
+        name = _last_output_layer(child, child_name)
+        if name is not None and name != main:
+            names.append(name)
+    return names
+
+
 def _is_bare_hf_model(model: nn.Module) -> bool:
-    # A Hugging Face base model (``AutoModel``) is its own ``base_model``; task models wrap one.
-    return hasattr(model, "base_model_prefix") and getattr(model, "base_model", None) is model
+    # A Hugging Face base model (``AutoModel``) is its own ``base_model``, and task models
+    # usually wrap one. T5ForConditionalGeneration is its own ``base_model`` too, because it
+    # has no attribute named after its ``base_model_prefix``, so the class name decides.
+    if not hasattr(model, "base_model_prefix") or getattr(model, "base_model", None) is not model:
+        return False
+    return _HF_TASK_CLASS_NAME.search(type(model).__name__) is None
 
 
 def _no_head_message(model: nn.Module) -> str:
@@ -216,12 +300,48 @@ def _no_head_message(model: nn.Module) -> str:
             "class such as AutoModelForSequenceClassification.from_pretrained(path, num_labels=N), "
             "or pass head='<module name>'."
         )
-    children = [n for n, _ in model.named_children()]
+
+    children = dict(model.named_children())
+    emptied = next((attribute for attribute in _HEAD_ATTRIBUTES if attribute in children), None)
+    if emptied is not None:
+        reason = (
+            f"its child {emptied!r} is {type(children[emptied]).__name__} and contains no nn.Linear or "
+            f"1x1 nn.Conv2d, so the head looks removed. To add one, pass a ready layer: "
+            f"replace_head(model, nn.Linear(in_features, num_classes), head={emptied!r}). "
+        )
+    else:
+        reason = (
+            f"it has no child named one of {list(_HEAD_ATTRIBUTES)}, and its last child with parameters "
+            f"is not an nn.Linear or an nn.Sequential containing one (children: {list(children)}). "
+        )
+
+    candidates = _candidate_head_names(model)
+    if not candidates:
+        return (
+            f"Found no output layer in {name}: {reason}It contains no nn.Linear or 1x1 nn.Conv2d. "
+            "Pass head='<module name>' with a name from [n for n, _ in model.named_modules()]."
+        )
     return (
-        f"Found no output layer in {name}: it has no child named one of {list(_HEAD_ATTRIBUTES)} "
-        f"holding an nn.Linear or 1x1 nn.Conv2d, and its last child is not one (children: {children}). "
-        "Pass head='<module name>' with a name from [n for n, _ in model.named_modules()]."
+        f"Found no output layer in {name}: {reason}Its last nn.Linear and 1x1 nn.Conv2d layers, in "
+        f"registration order, are {candidates}. If one of them is the output layer, pass its name, "
+        f"for example head={candidates[-1]!r}."
     )
+
+
+def _candidate_head_names(model: nn.Module) -> list[str]:
+    """Return the names of the last few linear and 1x1 convolution layers, in registration order."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+    ]
+    return names[-_MAX_CANDIDATES:]
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    """Return the qualified names of the head and the auxiliary heads' output layers."""
+    main = _find_head_name(model)
+    return ([main] if main is not None else []) + _auxiliary_head_names(model)
 
 
 def _get_module(model: nn.Module, name: str) -> nn.Module:
@@ -233,6 +353,30 @@ def _get_module(model: nn.Module, name: str) -> nn.Module:
             f"head={name!r} names no module of {type(model).__name__}. "
             f"Pass one of the names in model.named_modules(), for example {names[-3:]}."
         ) from None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def _shares_parameters(model: nn.Module, head_name: str) -> bool:
+    """Return whether a parameter of the head is also registered outside it (a tied weight)."""
+    head_params = {id(p) for p in model.get_submodule(head_name).parameters()}
+    prefix = f"{head_name}."
+    return any(
+        id(param) in head_params
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if not name.startswith(prefix)
+    )
+
+
+def _untie_word_embeddings(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", None) is True:
+        # transformers re-ties the output layer to the input embeddings in tie_weights(),
+        # which save_pretrained and from_pretrained call, and that would undo the replacement.
+        config.tie_word_embeddings = False
 
 
 def _build_head(old: nn.Module, num_classes: int | nn.Module) -> nn.Module:
