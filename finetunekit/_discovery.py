@@ -31,7 +31,9 @@ class Entry:
 def plan_groups(model: nn.Module, head_names: Sequence[str]) -> list[list[Entry]]:
     """Return the body groups of ``model`` in module-tree order, without the head modules."""
     planner = _Planner(head_names)
-    if _contains_stack(model):
+    if _is_stack(model):
+        planner.visit_stack(model, "")
+    elif _contains_stack(model):
         planner.visit_container(model, "")
     else:
         planner.visit_flat(model, "", share=1.0)
@@ -73,10 +75,13 @@ class _Planner:
             elif _is_stack(child):
                 self.flush()
                 self.visit_stack(child, qualified)
-            elif type(child) in repeated:
+            elif type(child) in repeated and not _contains_deep_stack(child):
                 self.add_alone(Entry(qualified, child, direct=False))
             elif _contains_stack(child):
+                # What follows a container's last stack (an encoder's final norm) stays apart
+                # from what comes next (a decoder's embeddings).
                 self.visit_container(child, qualified)
+                self.flush()
             else:
                 self.pending.append(Entry(qualified, child, direct=False))
 
@@ -180,6 +185,26 @@ def _is_uniform_stack(module: nn.Module) -> bool:
         return False
     cls = next(iter(classes))
     return not issubclass(cls, nn.Sequential) and not _is_leaf_class(module, cls)
+
+
+def _depth(module: nn.Module) -> int:
+    """Return the number of levels of the module tree below ``module``."""
+    return 1 + max((_depth(child) for child in module.children()), default=-1)
+
+
+def _contains_deep_stack(module: nn.Module) -> bool:
+    """Whether ``module`` holds a uniform stack of blocks that nest modules two or more levels deep.
+
+    T5's encoder and decoder are two siblings of one class, but each holds a stack of deep
+    blocks, so they are walked into. GoogLeNet's inception modules hold only short
+    Sequentials of conv-and-norm pairs, so each stays one block.
+    """
+    for sub in module.modules():
+        if sub is not module and _is_uniform_stack(sub):
+            blocks = [child for child in sub.children() if _has_parameters(child)]
+            if min(_depth(block) for block in blocks) >= 2:
+                return True
+    return False
 
 
 def _contains_stack(module: nn.Module) -> bool:

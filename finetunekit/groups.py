@@ -14,7 +14,7 @@ from torch import nn
 from ._discovery import Entry, plan_groups
 from ._utils import close_matches, format_suggestions, named_parameters_once
 from .errors import NoMatchingTargetError, NoParametersError
-from .heads import _find_head_name
+from .heads import _auxiliary_head_names, _find_head_name
 
 __all__ = ["LayerGroup", "Split", "layer_groups"]
 
@@ -158,9 +158,8 @@ def _automatic_groups(model: nn.Module) -> list[LayerGroup]:
 
 
 def _auxiliary_heads(model: nn.Module) -> list[str]:
-    # TODO: use the helper in heads.py once it lands.
-    names = ("aux1", "aux2", "AuxLogits")
-    return [n for n, child in model.named_children() if n in names and child is not None]
+    """Return the top-level auxiliary head modules (GoogLeNet's ``aux1``), whole, not just their output layers."""
+    return list(dict.fromkeys(name.split(".")[0] for name in _auxiliary_head_names(model)))
 
 
 def _assign_parameters(model: nn.Module, planned: Sequence[list[Entry]], *, has_head: bool) -> list[LayerGroup]:

@@ -210,3 +210,12 @@ def test_gpt2_embeddings_form_stem_and_head_is_tied():
     assert groups[-1].is_head
     assert groups[-1].tied == ["lm_head.weight"]
     assert_each_parameter_once(model, groups)
+
+
+def test_plain_sequential_of_linears():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    groups = ftk.layer_groups(model)
+
+    assert [g.name for g in groups] == ["0", "2", "4"]
+    assert groups[-1].is_head

@@ -157,6 +157,43 @@ def hf_cases() -> dict[str, tuple[Callable[[], nn.Module], list[str]]]:
             lambda: tf.PhiForCausalLM(tf.PhiConfig(num_key_value_heads=2, **SMALL)),
             ["model.embed_tokens", *seq("model", "layers"), "model.final_layernorm", "lm_head"],
         ),
+        "t5": (
+            lambda: tf.T5ForConditionalGeneration(
+                tf.T5Config(d_model=32, d_ff=48, num_layers=3, num_heads=2, d_kv=16, vocab_size=100)
+            ),
+            [
+                "stem",
+                *seq("encoder", "block"),
+                "encoder.final_layer_norm",
+                *seq("decoder", "block"),
+                "decoder.final_layer_norm",
+                "lm_head",
+            ],
+        ),
+        "bart": (
+            lambda: tf.BartForSequenceClassification(
+                tf.BartConfig(
+                    d_model=32,
+                    encoder_layers=3,
+                    decoder_layers=3,
+                    encoder_attention_heads=2,
+                    decoder_attention_heads=2,
+                    encoder_ffn_dim=48,
+                    decoder_ffn_dim=48,
+                    vocab_size=100,
+                )
+            ),
+            [
+                "stem",
+                *seq("model.encoder", "layers"),
+                "model.encoder.layernorm_embedding",
+                "model.decoder.embed_tokens+model.decoder.embed_positions",
+                *seq("model.decoder", "layers"),
+                "model.decoder.layernorm_embedding",
+                "classification_head.dense",
+                "classification_head.out_proj",
+            ],
+        ),
         "vit": (
             lambda: tf.ViTForImageClassification(
                 tf.ViTConfig(image_size=32, patch_size=8, **{k: v for k, v in SMALL.items() if k != "vocab_size"})
@@ -196,7 +233,7 @@ def hf_cases() -> dict[str, tuple[Callable[[], nn.Module], list[str]]]:
 
 HF_TYPES = [
     "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "gpt2", "llama",
-    "mistral", "qwen2", "phi", "vit", "convnext", "swin",
+    "mistral", "qwen2", "phi", "t5", "bart", "vit", "convnext", "swin",
 ]  # fmt: skip
 
 
@@ -210,6 +247,16 @@ def test_hf_groups(model_type):
     assert [g.name for g in groups] == expected
     assert groups[-1].is_head
     assert_each_parameter_once(model, groups)
+
+
+def test_t5_tied_embeddings_reported():
+    build, _ = hf_cases()["t5"]
+
+    groups = ftk.layer_groups(build())
+
+    assert {n for n, _ in groups[0].named_parameters()} == {"shared.weight"}
+    assert groups[0].tied == ["encoder.embed_tokens.weight"]
+    assert groups[-1].tied == ["lm_head.weight"]
 
 
 def test_gpt2_tied_head_reported():
