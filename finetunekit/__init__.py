@@ -15,7 +15,7 @@ from .errors import (
     NoMatchingTargetError,
     NoParametersError,
 )
-from .freezing import FreezeSummary, Target, freeze, freeze_to, unfreeze
+from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
 from .checkpoint import load_pretrained
 from .heads import TokenPooler, find_head, replace_head
@@ -45,6 +45,7 @@ __all__ = [
     "find_head",
     "freeze",
     "freeze_to",
+    "frozen",
     "is_no_decay",
     "layer_groups",
     "layer_lrs",

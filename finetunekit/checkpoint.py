@@ -34,7 +34,7 @@ def load_pretrained(
     """Load a pretrained checkpoint into a model whose head was replaced.
 
     Every tensor of the checkpoint is copied into ``model`` in place, except the keys of
-    the head and of the auxiliary heads (see :func:`replace_head`) whose shapes no longer
+    the head and of the auxiliary heads (see :func:`finetunekit.replace_head`) whose shapes no longer
     match the model's. Those keep their new initialization, and one
     :class:`FinetuneKitWarning` lists them. Head keys whose shapes still match are loaded.
     Any other difference raises before the model is changed: a shape mismatch outside the
@@ -43,7 +43,7 @@ def load_pretrained(
     key for the same tensor, as for tied weights that ``safetensors`` files store once.
 
     Args:
-        model: The model to load into, usually after :func:`replace_head`. Modified in place.
+        model: The model to load into, usually after :func:`finetunekit.replace_head`. Modified in place.
         state_dict: A state dict, or the path to a file containing one: ``.pt``, ``.pth`` or
             ``.bin`` (read with ``torch.load(path, map_location="cpu", weights_only=True)``)
             or ``.safetensors`` (read with ``safetensors.torch.load_file``).

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -26,7 +28,7 @@ from ._utils import close_matches, format_suggestions, named_parameters_once
 from .errors import FinetuneKitWarning, NoMatchingTargetError, NoParametersError
 from .groups import LayerGroup, resolve_groups
 
-__all__ = ["FreezeSummary", "Target", "freeze", "freeze_to", "unfreeze"]
+__all__ = ["FreezeSummary", "Target", "freeze", "freeze_to", "frozen", "unfreeze"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ name, module or parameter name, a glob pattern over those names, a module class,
 predicate over ``(name, parameter)``."""
 
 _GLOB_CHARS = frozenset("*?[")
+_REGEX_PREFIX = "re:"
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ def freeze(
 
             - an ``int``: a layer-group index from :func:`layer_groups`, negative from the head;
             - a ``str``: a layer-group name (``"head"`` is the head group), a module's or a
-              parameter's qualified name, or a glob pattern over those names (``"layer4.*"``);
+              parameter's qualified name, a glob pattern over those names (``"layer4.*"``),
+              or a regular expression after ``"re:"`` that must match a whole name
+              (``"re:layer[34]"``);
             - a module class, such as ``nn.BatchNorm2d``: every module of that class;
             - a callable ``(name, parameter) -> bool`` that selects parameters.
         groups: Layer groups to use instead of ``layer_groups(model)``.
@@ -82,12 +87,16 @@ def freeze(
     Returns:
         A summary of the parameters that changed and the trainable and frozen totals.
 
+    Warns:
+        FinetuneKitWarning: If a frozen tensor is tied to a name that no target selected
+            (freezing ``lm_head`` also freezes the input embeddings it shares a weight with).
+
     Raises:
         NoMatchingTargetError: If a target selects no parameter. The message names the
             target and the closest names in the model.
         NoParametersError: If ``model`` has no parameters.
         IndexError: If a group index is out of range.
-        TypeError: If a target is none of the kinds above (a float, a bool).
+        TypeError: If a target is not one of the kinds above (a float, a bool).
         ValueError: If ``groups`` does not match the model's parameters.
 
     Example:
@@ -95,7 +104,7 @@ def freeze(
         >>> freeze(model, "layer1.*", nn.BatchNorm2d).frozen[:2]
         ('bn1.weight', 'bn1.bias')
     """
-    selected = _select_all(model, targets, groups)
+    selected = _select_all(model, targets, groups, warn_tied=True)
     return _apply(model, frozen=selected, trainable={})
 
 
@@ -120,7 +129,7 @@ def unfreeze(
         NoMatchingTargetError: If a target selects no parameter.
         NoParametersError: If ``model`` has no parameters.
         IndexError: If a group index is out of range.
-        TypeError: If a target is none of the kinds :func:`freeze` accepts.
+        TypeError: If a target is not one of the kinds that :func:`freeze` accepts.
         ValueError: If ``groups`` does not match the model's parameters.
 
     Example:
@@ -130,6 +139,44 @@ def unfreeze(
     """
     selected = _select_all(model, targets, groups)
     return _apply(model, frozen={}, trainable=selected)
+
+
+@contextmanager
+def frozen(
+    model: nn.Module, *targets: Target, groups: Sequence[LayerGroup] | None = None
+) -> Iterator[FreezeSummary]:
+    """Freeze ``targets`` for the duration of a ``with`` block, then restore the previous state.
+
+    Inside the block the targets are frozen as by :func:`freeze`. On exit, including exit
+    through an exception, every parameter gets back the ``requires_grad`` flag it had
+    before, and normalization layers are locked or unlocked to match. Gradients that
+    freezing set to ``None`` are not restored.
+
+    Args:
+        model: The model to change for the duration of the block.
+        *targets: What to freeze, as in :func:`freeze`; every parameter when none is given.
+        groups: Layer groups to use instead of ``layer_groups(model)``.
+
+    Yields:
+        The summary of the freezing done on entry.
+
+    Raises:
+        NoMatchingTargetError: If a target selects no parameter; nothing is changed then.
+
+    Example:
+        >>> with frozen(model, "layer1", "layer2"):
+        ...     evaluate_probe(model)   # layer1 and layer2 cannot change here
+        >>> model.layer1[0].conv1.weight.requires_grad
+        True
+    """
+    before = [(param, param.requires_grad) for _, param in named_parameters_once(model)]
+    summary = freeze(model, *targets, groups=groups)
+    try:
+        yield summary
+    finally:
+        for param, requires_grad in before:
+            param.requires_grad_(requires_grad)
+        _sync_norm_layers(model)
 
 
 def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None = None) -> FreezeSummary:
@@ -193,7 +240,13 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
 _Selection = dict[int, tuple[str, nn.Parameter]]
 
 
-def _select_all(model: nn.Module, targets: Sequence[Target], groups: Sequence[LayerGroup] | None) -> _Selection:
+def _select_all(
+    model: nn.Module,
+    targets: Sequence[Target],
+    groups: Sequence[LayerGroup] | None,
+    *,
+    warn_tied: bool = False,
+) -> _Selection:
     named = list(named_parameters_once(model))
     if not named:
         raise NoParametersError(
@@ -207,11 +260,23 @@ def _select_all(model: nn.Module, targets: Sequence[Target], groups: Sequence[La
     selected: _Selection = {}
     for target in targets:
         selected.update(resolver.select(target))
+    if warn_tied:
+        for name, others in resolver.tied_aliases(selected):
+            warnings.warn(
+                f"Freezing {name!r} also freezes {others}: they are one tied tensor. "
+                "Unfreeze it again if the tied layer should keep training.",
+                FinetuneKitWarning,
+                stacklevel=3,
+            )
     return selected
 
 
 class _Resolver:
-    """Turn freeze targets into the parameters they select."""
+    """Turn freeze targets into the parameters they select.
+
+    ``reached`` collects every name under which a target reached a parameter, so that a
+    tied tensor reached under one of its names only can be reported.
+    """
 
     def __init__(
         self, model: nn.Module, named: list[tuple[str, nn.Parameter]], groups: Sequence[LayerGroup] | None
@@ -219,6 +284,8 @@ class _Resolver:
         self.model = model
         self.named = named
         self.names = {id(p): name for name, p in named}
+        self.all_named = list(model.named_parameters(remove_duplicate=False))
+        self.reached: set[str] = set()
         self._given_groups = groups
         self._groups: list[LayerGroup] | None = None
 
@@ -251,42 +318,43 @@ class _Resolver:
                 f"Layer-group index {index} is out of range for {type(self.model).__name__}, which has "
                 f"{count} groups ({_preview([g.name for g in self.groups])}). Pass {-count} <= index < {count}."
             )
-        return self._of_params(self.groups[index].parameters())
+        return self._of_group(self.groups[index])
 
     def _by_name(self, target: str) -> _Selection:
+        if target.startswith(_REGEX_PREFIX):
+            return self._checked(target, self._by_match(_regex_matcher(target)))
         for group in self.groups:
             if target == group.name or (target == "head" and group.is_head):
-                return self._of_params(group.parameters())
+                return self._of_group(group)
 
         modules = dict(self.model.named_modules())
         if target in modules and target:
-            return self._checked(target, self._of_params(modules[target].parameters()))
-        for name, param in self.named:
+            return self._checked(target, self._of_module(target, modules[target]))
+        for name, param in self.all_named:
             if name == target:
-                return {id(param): (name, param)}
+                return self._of_named([(name, param)])
 
         if _GLOB_CHARS & set(target):
-            return self._checked(target, self._by_glob(target, modules))
+            return self._checked(target, self._by_match(lambda name: fnmatch.fnmatchcase(name, target)))
         return self._checked(target, {})
 
-    def _by_glob(self, pattern: str, modules: dict[str, nn.Module]) -> _Selection:
+    def _by_match(self, matches: Callable[[str], bool]) -> _Selection:
+        """Select the modules, parameters and layer groups whose names ``matches`` accepts."""
         selected: _Selection = {}
-        for name, module in modules.items():
-            if name and fnmatch.fnmatchcase(name, pattern):
-                selected.update(self._of_params(module.parameters()))
-        for name, param in self.named:
-            if fnmatch.fnmatchcase(name, pattern):
-                selected[id(param)] = (name, param)
+        for name, module in self.model.named_modules():
+            if name and matches(name):
+                selected.update(self._of_module(name, module))
+        selected.update(self._of_named([(n, p) for n, p in self.all_named if matches(n)]))
         for group in self.groups:
-            if fnmatch.fnmatchcase(group.name, pattern):
-                selected.update(self._of_params(group.parameters()))
+            if matches(group.name):
+                selected.update(self._of_group(group))
         return selected
 
     def _by_type(self, cls: type[nn.Module]) -> _Selection:
         selected: _Selection = {}
-        for module in self.model.modules():
+        for name, module in self.model.named_modules():
             if isinstance(module, cls):
-                selected.update(self._of_params(module.parameters()))
+                selected.update(self._of_module(name, module))
         if not selected:
             present = sorted({type(m).__name__ for m in self.model.modules() if _has_own_params(m)})
             raise NoMatchingTargetError(
@@ -296,7 +364,7 @@ class _Resolver:
         return selected
 
     def _by_predicate(self, predicate: Callable[[str, nn.Parameter], bool]) -> _Selection:
-        selected = {id(p): (name, p) for name, p in self.named if predicate(name, p)}
+        selected = self._of_named([(n, p) for n, p in self.all_named if predicate(n, p)])
         if not selected:
             raise NoMatchingTargetError(
                 f"Freeze predicate {getattr(predicate, '__name__', predicate)!r} returned False for every "
@@ -304,8 +372,18 @@ class _Resolver:
             )
         return selected
 
-    def _of_params(self, params) -> _Selection:  # type: ignore[no-untyped-def]
-        return {id(p): (self.names[id(p)], p) for p in params}
+    def _of_group(self, group: LayerGroup) -> _Selection:
+        # A group also reaches the tied names it lists, such as a head tied to the embeddings.
+        by_name = dict(self.all_named)
+        tied = [(name, by_name[name]) for name in group.tied if name in by_name]
+        return self._of_named([*group.named_parameters(), *tied])
+
+    def _of_module(self, name: str, module: nn.Module) -> _Selection:
+        return self._of_named(list(module.named_parameters(prefix=name, remove_duplicate=False)))
+
+    def _of_named(self, named: list[tuple[str, nn.Parameter]]) -> _Selection:
+        self.reached.update(name for name, _ in named)
+        return {id(p): (self.names[id(p)], p) for _, p in named}
 
     def _checked(self, target: str, selected: _Selection) -> _Selection:
         if selected:
@@ -318,6 +396,29 @@ class _Resolver:
             f"{type(self.model).__name__}.{format_suggestions(close_matches(target, candidates))} "
             f"Layer groups: {_preview([g.name for g in self.groups])}."
         )
+
+    def tied_aliases(self, selected: _Selection) -> list[tuple[str, list[str]]]:
+        """Return, per selected tied tensor, the names of it that no target reached."""
+        names_by_id: dict[int, list[str]] = {}
+        for name, param in self.all_named:
+            names_by_id.setdefault(id(param), []).append(name)
+        found = []
+        for key in selected:
+            names = names_by_id.get(key, [])
+            reached = [n for n in names if n in self.reached]
+            others = [n for n in names if n not in self.reached]
+            if reached and others:
+                found.append((reached[0], others))
+        return found
+
+
+def _regex_matcher(target: str) -> Callable[[str], bool]:
+    pattern = target[len(_REGEX_PREFIX) :]
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"Freeze target {target!r} is not a valid regular expression: {error}.") from None
+    return lambda name: compiled.fullmatch(name) is not None
 
 
 def _apply(model: nn.Module, *, frozen: _Selection, trainable: _Selection) -> FreezeSummary:

@@ -1,4 +1,4 @@
-"""Find and replace the output layer (the head) of a model, and load a checkpoint around a new head."""
+"""Find and replace the output layer (the head) of a model."""
 
 from __future__ import annotations
 

@@ -245,3 +245,71 @@ def test_model_without_parameters_raises():
         ftk.freeze_to(model, -1)
     with pytest.raises(ftk.NoParametersError, match="has no parameters"):
         ftk.freeze(model)
+
+
+def test_regex_target_matches_whole_names(resnet):
+    ftk.freeze(resnet, r"re:layer[12]\.\d+")
+
+    frozen = set(dict(resnet.named_parameters())) - trainable_names(resnet)
+    assert frozen == names_under(resnet, "layer1.", "layer2.")
+
+
+def test_invalid_regex_raises(resnet):
+    with pytest.raises(ValueError, match=r"Freeze target 're:layer\[' is not a valid regular expression"):
+        ftk.freeze(resnet, "re:layer[")
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.lm_head = nn.Linear(4, 10)
+        self.lm_head.weight = self.embed.weight
+
+
+def test_freezing_tied_head_warns_about_embedding():
+    model = TiedLM()
+
+    with pytest.warns(ftk.FinetuneKitWarning, match=r"Freezing 'lm_head.weight' also freezes \['embed.weight'\]"):
+        ftk.freeze(model, "lm_head")
+
+    assert not model.embed.weight.requires_grad
+    assert not model.lm_head.bias.requires_grad
+
+
+def test_freezing_tied_embedding_names_head():
+    model = TiedLM()
+
+    with pytest.warns(ftk.FinetuneKitWarning, match=r"Freezing 'embed.weight' also freezes \['lm_head.weight'\]"):
+        ftk.freeze(model, "embed")
+
+
+def test_freezing_both_tied_sides_is_silent():
+    model = TiedLM()
+
+    summary = ftk.freeze(model, "embed", "lm_head")
+
+    assert set(summary.frozen) == {"embed.weight", "lm_head.bias"}
+
+
+def test_frozen_context_restores_state(resnet):
+    ftk.freeze(resnet, "layer1")
+    before = {n: p.requires_grad for n, p in resnet.named_parameters()}
+
+    with ftk.frozen(resnet, "layer4", "fc") as summary:
+        assert not resnet.fc.weight.requires_grad
+        assert not resnet.layer4[1].bn2.training
+        assert "fc.weight" in summary.frozen
+
+    assert {n: p.requires_grad for n, p in resnet.named_parameters()} == before
+    assert resnet.layer4[1].bn2.training
+    assert not resnet.layer1[0].bn1.training
+
+
+def test_frozen_context_restores_after_error(resnet):
+    with pytest.raises(RuntimeError, match="boom"):
+        with ftk.frozen(resnet):
+            raise RuntimeError("boom")
+
+    assert trainable_names(resnet) == set(dict(resnet.named_parameters()))
