@@ -128,7 +128,7 @@ def run(
 
     phases = [
         ftk.Phase(epochs=head_epochs, train_groups=1, lr=3e-3),
-        ftk.Phase(epochs=finetune_epochs, train_groups=train_groups, lr=slice(3e-4, 3e-3), schedule="cosine"),
+        ftk.Phase(epochs=finetune_epochs, train_groups=train_groups, lr=slice(1e-4, 1e-3), schedule="cosine"),
     ]
     trainer = ftk.Trainer(model, phases, train_loader, val_loader, progress=progress)
     return name, trainer.fit()
