@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
+from ._norms import NormPolicy, check_policy, set_policy, sync_norm_layers
+from ._optimizer import sync_optimizer
 from ._utils import close_matches, format_suggestions, named_parameters_once
 from .errors import FinetuneKitWarning, NoMatchingTargetError, NoParametersError
 from .groups import LayerGroup, resolve_groups
+from .param_groups import layer_lrs
 
 __all__ = ["FreezeSummary", "Target", "freeze", "freeze_to", "frozen", "unfreeze"]
 
@@ -59,7 +62,10 @@ class FreezeSummary:
 
 
 def freeze(
-    model: nn.Module, *targets: Target, groups: Sequence[LayerGroup] | None = None
+    model: nn.Module,
+    *targets: Target,
+    groups: Sequence[LayerGroup] | None = None,
+    bn: NormPolicy | None = None,
 ) -> FreezeSummary:
     """Freeze the parameters that ``targets`` select, or every parameter when none is given.
 
@@ -83,6 +89,12 @@ def freeze(
             - a module class, such as ``nn.BatchNorm2d``: every module of that class;
             - a callable ``(name, parameter) -> bool`` that selects parameters.
         groups: Layer groups to use instead of ``layer_groups(model)``.
+        bn: BatchNorm policy for the normalization layers with running statistics whose
+            parameters this call freezes: ``"frozen"`` locks their statistics and runs them
+            in eval mode, ``"train"`` keeps their affine parameters trainable and their
+            statistics updating (fastai's ``train_bn``), ``"stats"`` freezes the
+            parameters but lets the statistics adapt to the new data. ``None`` keeps the
+            policy an earlier call set on each layer, ``"frozen"`` by default.
 
     Returns:
         A summary of the parameters that changed and the trainable and frozen totals.
@@ -104,12 +116,18 @@ def freeze(
         >>> freeze(model, "layer1.*", nn.BatchNorm2d).frozen[:2]
         ('bn1.weight', 'bn1.bias')
     """
+    check_policy(bn)
     selected = _select_all(model, targets, groups, warn_tied=True)
-    return _apply(model, frozen=selected, trainable={})
+    return _apply(model, frozen=selected, trainable={}, bn=bn)
 
 
 def unfreeze(
-    model: nn.Module, *targets: Target, groups: Sequence[LayerGroup] | None = None
+    model: nn.Module,
+    *targets: Target,
+    groups: Sequence[LayerGroup] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float | None = None,
+    keep_state: bool = True,
 ) -> FreezeSummary:
     """Make the parameters that ``targets`` select trainable, or every parameter when none is given.
 
@@ -121,6 +139,13 @@ def unfreeze(
         model: The model to change.
         *targets: What to unfreeze, as in :func:`freeze`.
         groups: Layer groups to use instead of ``layer_groups(model)``.
+        optimizer: An optimizer to keep consistent. Parameters that become trainable
+            and are not in it are added as new param groups, one per layer group and
+            weight-decay setting, so the next ``step()`` updates them.
+        lr: Learning rate of the added param groups. ``None`` uses the smallest rate in
+            the optimizer, because layers unfrozen later sit below the trained ones.
+        keep_state: Whether a parameter that becomes trainable keeps the optimizer state
+            (momentum, Adam moments) it had from before it was frozen. False clears it.
 
     Returns:
         A summary of the parameters that changed and the trainable and frozen totals.
@@ -137,13 +162,21 @@ def unfreeze(
         >>> unfreeze(model, "fc").unfrozen
         ('fc.weight', 'fc.bias')
     """
+    if lr is not None:
+        layer_lrs(lr, 1)
     selected = _select_all(model, targets, groups)
-    return _apply(model, frozen={}, trainable=selected)
+    summary = _apply(model, frozen={}, trainable=selected)
+    if optimizer is not None:
+        sync_optimizer(model, optimizer, summary.unfrozen, lr=lr, keep_state=keep_state, groups=groups)
+    return summary
 
 
 @contextmanager
 def frozen(
-    model: nn.Module, *targets: Target, groups: Sequence[LayerGroup] | None = None
+    model: nn.Module,
+    *targets: Target,
+    groups: Sequence[LayerGroup] | None = None,
+    bn: NormPolicy | None = None,
 ) -> Iterator[FreezeSummary]:
     """Freeze ``targets`` for the duration of a ``with`` block, then restore the previous state.
 
@@ -156,6 +189,7 @@ def frozen(
         model: The model to change for the duration of the block.
         *targets: What to freeze, as in :func:`freeze`; every parameter when none is given.
         groups: Layer groups to use instead of ``layer_groups(model)``.
+        bn: BatchNorm policy inside the block, as in :func:`freeze`.
 
     Yields:
         The summary of the freezing done on entry.
@@ -170,16 +204,25 @@ def frozen(
         True
     """
     before = [(param, param.requires_grad) for _, param in named_parameters_once(model)]
-    summary = freeze(model, *targets, groups=groups)
+    summary = freeze(model, *targets, groups=groups, bn=bn)
     try:
         yield summary
     finally:
         for param, requires_grad in before:
             param.requires_grad_(requires_grad)
-        _sync_norm_layers(model)
+        sync_norm_layers(model)
 
 
-def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None = None) -> FreezeSummary:
+def freeze_to(
+    model: nn.Module,
+    n: int,
+    *,
+    groups: Sequence[LayerGroup] | None = None,
+    bn: NormPolicy | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float | None = None,
+    keep_state: bool = True,
+) -> FreezeSummary:
     """Freeze the layer groups before index ``n`` and make the rest trainable.
 
     This follows fastai's ``freeze_to``: ``freeze_to(model, -1)`` trains the head only,
@@ -191,6 +234,19 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
         n: Index of the first trainable layer group; negative counts from the head.
             ``n`` equal to the number of groups freezes everything, with a warning.
         groups: Layer groups to use instead of ``layer_groups(model)``.
+        bn: BatchNorm policy for the normalization layers with running statistics whose
+            parameters this call freezes: ``"frozen"`` locks their statistics and runs them
+            in eval mode, ``"train"`` keeps their affine parameters trainable and their
+            statistics updating (fastai's ``train_bn``), ``"stats"`` freezes the
+            parameters but lets the statistics adapt to the new data. ``None`` keeps the
+            policy an earlier call set on each layer, ``"frozen"`` by default.
+        optimizer: An optimizer to keep consistent. Parameters that become trainable
+            and are not in it are added as new param groups, one per layer group and
+            weight-decay setting, so the next ``step()`` updates them.
+        lr: Learning rate of the added param groups. ``None`` uses the smallest rate in
+            the optimizer, because layers unfrozen later sit below the trained ones.
+        keep_state: Whether a parameter that becomes trainable keeps the optimizer state
+            (momentum, Adam moments) it had from before it was frozen. False clears it.
 
     Returns:
         A summary of the parameters that changed and the trainable and frozen totals.
@@ -207,6 +263,9 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
         >>> summary.num_trainable  # fc: 512 * 1000 weights + 1000 biases
         513000
     """
+    check_policy(bn)
+    if lr is not None:
+        layer_lrs(lr, 1)
     groups = resolve_groups(model, groups)
     count = len(groups)
     if isinstance(n, bool) or not isinstance(n, int):
@@ -234,7 +293,10 @@ def freeze_to(model: nn.Module, n: int, *, groups: Sequence[LayerGroup] | None =
             FinetuneKitWarning,
             stacklevel=2,
         )
-    return _apply(model, frozen=frozen, trainable=trainable)
+    summary = _apply(model, frozen=frozen, trainable=trainable, bn=bn)
+    if optimizer is not None:
+        sync_optimizer(model, optimizer, summary.unfrozen, lr=lr, keep_state=keep_state, groups=groups)
+    return summary
 
 
 _Selection = dict[int, tuple[str, nn.Parameter]]
@@ -421,8 +483,16 @@ def _regex_matcher(target: str) -> Callable[[str], bool]:
     return lambda name: compiled.fullmatch(name) is not None
 
 
-def _apply(model: nn.Module, *, frozen: _Selection, trainable: _Selection) -> FreezeSummary:
+def _apply(
+    model: nn.Module, *, frozen: _Selection, trainable: _Selection, bn: NormPolicy | None = None
+) -> FreezeSummary:
     named = list(named_parameters_once(model))
+    names = {id(p): name for name, p in named}
+    # Under the "train" policy the affine parameters of normalization layers keep training
+    # inside a frozen group, as fastai's train_bn does.
+    for param in set_policy(model, set(frozen), bn):
+        frozen.pop(id(param), None)
+        trainable[id(param)] = (names[id(param)], param)
     newly_frozen = [name for name, p in named if id(p) in frozen and p.requires_grad]
     newly_trainable = [name for name, p in named if id(p) in trainable and not p.requires_grad]
 
@@ -431,7 +501,7 @@ def _apply(model: nn.Module, *, frozen: _Selection, trainable: _Selection) -> Fr
         param.grad = None
     for _, param in trainable.values():
         param.requires_grad_(True)
-    _sync_norm_layers(model)
+    sync_norm_layers(model)
 
     num_trainable = num_frozen = 0
     for _, param in named:
@@ -458,49 +528,3 @@ def _preview(names: list[str], limit: int = 6) -> str:
     if len(names) <= limit:
         return ", ".join(names)
     return ", ".join(names[: limit // 2]) + ", ..., " + ", ".join(names[-(limit // 2) :])
-
-
-# --- normalization layers with running statistics ---------------------------------------
-
-_FROZEN_STATS = "_finetunekit_frozen_stats"
-
-
-def _keep_eval(module: nn.Module, args: tuple[object, ...]) -> None:
-    """Forward pre-hook: run a frozen normalization layer in eval mode whatever ``train()`` set."""
-    if getattr(module, _FROZEN_STATS, False):
-        module.training = False
-
-
-def _sync_norm_layers(model: nn.Module) -> None:
-    """Lock the running statistics of normalization layers whose parameters are all frozen."""
-    modules = dict(model.named_modules())
-    for name, module in modules.items():
-        if not isinstance(module, _NormBase) or not module.track_running_stats:
-            continue
-        own = list(module.parameters(recurse=False))
-        if not own:
-            # An affine=False layer follows the nearest enclosing module that has parameters.
-            own = list(_nearest_parameters(name, modules))
-        frozen = bool(own) and not any(p.requires_grad for p in own)
-        _set_frozen_stats(module, frozen, training=model.training)
-
-
-def _nearest_parameters(name: str, modules: dict[str, nn.Module]) -> list[nn.Parameter]:
-    while name:
-        name = name.rpartition(".")[0]
-        params = list(modules[name].parameters())
-        if params:
-            return params
-    return []
-
-
-def _set_frozen_stats(module: nn.Module, frozen: bool, *, training: bool) -> None:
-    was_frozen = getattr(module, _FROZEN_STATS, False)
-    if frozen:
-        if not any(hook is _keep_eval for hook in module._forward_pre_hooks.values()):
-            module.register_forward_pre_hook(_keep_eval)
-        setattr(module, _FROZEN_STATS, True)
-        module.train(False)
-    elif was_frozen:
-        setattr(module, _FROZEN_STATS, False)
-        module.train(training)

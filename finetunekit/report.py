@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ._utils import named_parameters_once
-from .freezing import _FROZEN_STATS
+from ._norms import FROZEN_STATS
 from .groups import LayerGroup, resolve_groups
 
 __all__ = ["GroupRow", "Report", "describe"]
@@ -337,7 +337,7 @@ def _locked_norms_by_group(model: nn.Module, groups: Sequence[LayerGroup]) -> li
     locked = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, _NormBase) and getattr(module, _FROZEN_STATS, False)
+        if isinstance(module, _NormBase) and getattr(module, FROZEN_STATS, False)
     ]
     if not locked:
         return result
