@@ -8,6 +8,7 @@ Example:
     >>> optimizer = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-5, 1e-3)))
 """
 
+from .checkpoint import load_pretrained
 from .errors import (
     FinetuneKitError,
     FinetuneKitWarning,
@@ -17,26 +18,41 @@ from .errors import (
 )
 from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
-from .checkpoint import load_pretrained
 from .heads import TokenPooler, find_head, replace_head
 from .param_groups import ParamGroup, is_no_decay, layer_lrs, param_groups
+from .policies import (
+    BitFit,
+    FeatureExtraction,
+    FullFineTuning,
+    GradualUnfreezing,
+    LinearProbeThenFinetune,
+    PartialFineTuning,
+    SurgicalFineTuning,
+)
 from .report import Report, describe
 from .trainer import Phase, Trainer, accuracy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitFit",
+    "FeatureExtraction",
     "FinetuneKitError",
     "FinetuneKitWarning",
     "FreezeSummary",
+    "FullFineTuning",
+    "GradualUnfreezing",
     "HeadNotFoundError",
     "LayerGroup",
+    "LinearProbeThenFinetune",
     "NoMatchingTargetError",
     "NoParametersError",
     "ParamGroup",
+    "PartialFineTuning",
     "Phase",
     "Report",
     "Split",
+    "SurgicalFineTuning",
     "Target",
     "TokenPooler",
     "Trainer",
