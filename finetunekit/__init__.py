@@ -27,6 +27,8 @@ from .policies import (
     GradualUnfreezing,
     LinearProbeThenFinetune,
     PartialFineTuning,
+    ProgressiveFreezing,
+    ReinitializeTop,
     SurgicalFineTuning,
 )
 from .report import Report, describe
@@ -50,6 +52,8 @@ __all__ = [
     "ParamGroup",
     "PartialFineTuning",
     "Phase",
+    "ProgressiveFreezing",
+    "ReinitializeTop",
     "Report",
     "Split",
     "SurgicalFineTuning",

@@ -3,9 +3,9 @@
 Each policy is a dataclass whose ``apply(model, *, groups=None)`` sets which parameters
 train, through :func:`~finetunekit.freeze`, :func:`~finetunekit.unfreeze` and
 :func:`~finetunekit.freeze_to`, and returns their :class:`~finetunekit.FreezeSummary`.
-The schedules (:class:`GradualUnfreezing`, :class:`LinearProbeThenFinetune`) also have
-``on_epoch(model, epoch, *, groups=None)``, to call at the start of each epoch (counted
-from 0). It returns ``None`` when the epoch changes nothing. Policies need no
+The schedules (:class:`GradualUnfreezing`, :class:`LinearProbeThenFinetune`,
+:class:`ProgressiveFreezing`) also have ``on_epoch(model, epoch, *, groups=None)``, to
+call at the start of each epoch (counted from 0). It returns ``None`` when the epoch changes nothing. Policies need no
 :class:`~finetunekit.Trainer`.
 
 Which policy to start from depends on the dataset size and on how close the new data is
@@ -17,7 +17,14 @@ to the pretraining data:
 - small, with a risk of forgetting what pretraining learned: :class:`GradualUnfreezing`
   or :class:`LinearProbeThenFinetune`;
 - many tasks on one backbone, or a tiny memory budget: :class:`BitFit`;
-- a shift that concerns known layers only: :class:`SurgicalFineTuning`.
+- a shift that concerns known layers only: :class:`SurgicalFineTuning`, or
+  :meth:`SurgicalFineTuning.from_gradients` when the layers are not known;
+- small data on a transformer whose top layers are too specific to the pretraining
+  task: :class:`ReinitializeTop`;
+- a large dataset and a tight compute budget: :class:`ProgressiveFreezing`.
+
+:class:`ReinitializeTop` and :class:`ProgressiveFreezing` live in
+:mod:`finetunekit.policies_extra` and are re-exported here.
 
 Arguments are checked when a policy is built, and the ones that depend on the model (a
 group count, a group name) at the start of ``apply``, before the model is changed.
@@ -26,16 +33,24 @@ group count, a group name) at the start of ``apply``, before the model is change
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from ._norms import NormPolicy, check_policy
+from ._policy_utils import _changed_or_none, _check_int, _train_only
 from ._utils import close_matches, format_suggestions, named_parameters_once
-from .errors import NoMatchingTargetError, NoParametersError
-from .freezing import FreezeSummary, freeze, freeze_to, unfreeze
+from .errors import NoMatchingTargetError
+from .freezing import FreezeSummary, freeze_to, unfreeze
 from .groups import LayerGroup, resolve_groups
+from .policies_extra import (
+    ProgressiveFreezing,
+    ReinitializeTop,
+    _relative_gradient_norms,
+)
 
 __all__ = [
     "BitFit",
@@ -44,6 +59,8 @@ __all__ = [
     "GradualUnfreezing",
     "LinearProbeThenFinetune",
     "PartialFineTuning",
+    "ProgressiveFreezing",
+    "ReinitializeTop",
     "SurgicalFineTuning",
 ]
 
@@ -461,12 +478,73 @@ class SurgicalFineTuning:
         keep = {id(p) for group in chosen for _, p in group.params}
         return _train_only(model, keep, groups=groups, bn=self.bn, policy=repr(self))
 
+    @classmethod
+    def from_gradients(
+        cls,
+        model: nn.Module,
+        batches: Iterable[tuple[Any, torch.Tensor]],
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        k: int,
+        *,
+        groups: Sequence[LayerGroup] | None = None,
+    ) -> SurgicalFineTuning:
+        """Choose the ``k`` layer groups with the largest relative gradient norm.
 
-def _check_int(call: str, name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{call}({name}={value!r}): {name} must be an int, not {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{call}({name}={value!r}) is out of range: pass {name} >= {minimum}.")
+        Each group's score is the sum over ``batches`` of the L2 norm of the group's
+        gradients divided by the L2 norm of its parameters. Every group, the head
+        included, takes part, and ties go to the group nearer the input. Groups whose
+        gradients are large next to their weights are the ones the new data pushes to change.
+
+        The batches run in eval mode with every parameter requiring grad, so frozen groups
+        get a score too and BatchNorm running statistics do not change. Afterwards the model
+        is as before: the same weights, buffers, ``requires_grad`` flags, ``.grad`` tensors
+        and training or eval mode of every module. No optimizer step is taken.
+
+        Args:
+            model: The model to score. Not modified.
+            batches: ``(inputs, labels)`` pairs. A few batches are enough.
+            loss_fn: Called as ``loss_fn(model(inputs), labels)``. Returns a scalar loss.
+            k: Number of layer groups to choose, from 1 to ``len(groups)``.
+            groups: Layer groups to use instead of ``layer_groups(model)``. Apply the
+                returned policy with the same ``groups``.
+
+        Returns:
+            A policy that trains the chosen groups, listed by name in model order (by
+            index when two groups share a name).
+
+        Raises:
+            TypeError: If ``k`` is not an int.
+            ValueError: If ``k < 1``, or ``batches`` yields no pair.
+            IndexError: If ``k`` is larger than the number of layer groups.
+
+        Example:
+            >>> model = torchvision.models.resnet18(weights=None)
+            >>> batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,)))]
+            >>> policy = SurgicalFineTuning.from_gradients(model, batches, nn.functional.cross_entropy, k=2)
+            >>> policy.groups_to_train  # the exact groups depend on the data
+            ('stem', 'fc')
+        """
+        _check_int("SurgicalFineTuning.from_gradients", "k", k, minimum=1)
+        groups = resolve_groups(model, groups)
+        if k > len(groups):
+            raise IndexError(
+                f"SurgicalFineTuning.from_gradients(k={k}) chooses {k} layer groups, but "
+                f"{type(model).__name__} has {len(groups)}. Pass 1 <= k <= {len(groups)}."
+            )
+
+        scores = _relative_gradient_norms(model, groups, batches, loss_fn)
+        ranked = sorted(range(len(groups)), key=lambda i: -scores[i])
+        chosen = sorted(ranked[:k])
+        logger.info(
+            "from_gradients chose %s (scores %s)",
+            [groups[i].name for i in chosen],
+            [f"{scores[i]:.3g}" for i in chosen],
+        )
+
+        names = [group.name for group in groups]
+        if len(set(names)) == len(names):
+            return cls(tuple(names[i] for i in chosen))
+        return cls(tuple(chosen))
 
 
 def _find_group(model: nn.Module, groups: list[LayerGroup], entry: int | str) -> LayerGroup:
@@ -486,37 +564,3 @@ def _find_group(model: nn.Module, groups: list[LayerGroup], entry: int | str) ->
         f"{entry!r} is not a layer-group name of {type(model).__name__}."
         f"{format_suggestions(close_matches(entry, names))} Layer groups: {names}."
     )
-
-
-def _train_only(
-    model: nn.Module, keep: set[int], *, groups: list[LayerGroup], bn: NormPolicy | None, policy: str
-) -> FreezeSummary:
-    """Freeze every parameter whose id is not in ``keep`` and make the others trainable.
-
-    The returned summary compares the state after both steps with the state before.
-    """
-    named = list(named_parameters_once(model))
-    if not any(id(p) in keep for _, p in named):
-        raise NoParametersError(
-            f"{policy} selects no parameter of {type(model).__name__}, so nothing would train "
-            "(a head whose weights are tied to the embeddings owns none). Choose layer groups "
-            "that own parameters: see [g.num_params for g in layer_groups(model)]."
-        )
-    frozen: tuple[str, ...] = ()
-    # freeze and unfreeze raise on a target that selects nothing, so a side with no
-    # parameter is skipped. The two sides are disjoint, so their changes simply add up.
-    if any(id(p) not in keep for _, p in named):
-        frozen = freeze(model, _by_id(lambda key: key not in keep), groups=groups, bn=bn).frozen
-    summary = unfreeze(model, _by_id(lambda key: key in keep), groups=groups)
-    return FreezeSummary(frozen, summary.unfrozen, summary.num_trainable, summary.num_frozen)
-
-
-def _by_id(accept: Callable[[int], bool]) -> Callable[[str, nn.Parameter], bool]:
-    return lambda name, param: accept(id(param))
-
-
-def _changed_or_none(summary: FreezeSummary, label: str) -> FreezeSummary | None:
-    if summary.frozen or summary.unfrozen:
-        logger.info("%s: froze %d and unfroze %d tensors", label, len(summary.frozen), len(summary.unfrozen))
-        return summary
-    return None

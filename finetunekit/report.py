@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ._utils import named_parameters_once
 from ._norms import FROZEN_STATS
+from ._utils import named_parameters_once
 from .groups import LayerGroup, resolve_groups
 
 __all__ = ["GroupRow", "Report", "describe"]

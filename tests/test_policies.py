@@ -422,3 +422,295 @@ def test_freeze_then_unfreeze_restores_state(model, data):
 
     assert selected <= frozen_now
     assert requires_grad_state(model) == original
+
+
+# --- ReinitializeTop ------------------------------------------------------------------------
+
+
+def perturb(model: nn.Module) -> None:
+    """Move every parameter and running statistic off its initial value, so a reset shows."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.25)
+        for name, buffer in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buffer.add_(0.5)
+
+
+def changed_names(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    after = model.state_dict()
+    return {name for name, value in before.items() if not torch.equal(after[name], value)}
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_reinitialize_top_bert_changes_top_k_body_groups(k):
+    model = make_bert()
+    perturb(model)
+    for param in model.parameters():
+        param._is_hf_initialized = True  # as from_pretrained leaves loaded weights
+    ftk.freeze_to(model, -2)
+    before = snapshot(model)
+
+    summary = ftk.ReinitializeTop(k).apply(model)
+
+    # The pooler is the top body group of BertForSequenceClassification, the classifier the head.
+    reinitialized = names_in(model, BERT_GROUPS, range(len(BERT_GROUPS) - 1 - k, len(BERT_GROUPS) - 1))
+    assert changed_names(model, before) == reinitialized
+    assert trainable_names(model) == all_names(model)
+    assert summary.num_frozen == 0
+    assert all(p._is_hf_initialized is True for p in model.parameters())
+
+
+def test_reinitialize_top_bert_uses_init_weights_values():
+    model = make_bert()
+    perturb(model)
+
+    ftk.ReinitializeTop(2).apply(model)
+
+    layer = model.bert.encoder.layer[2]
+    assert torch.equal(layer.output.LayerNorm.weight, torch.ones(32))
+    assert torch.equal(layer.output.LayerNorm.bias, torch.zeros(32))
+    assert torch.equal(layer.intermediate.dense.bias, torch.zeros(48))
+    assert torch.equal(model.bert.pooler.dense.bias, torch.zeros(32))
+    assert layer.intermediate.dense.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_reinitialize_top_resnet_changes_top_k_blocks(resnet, k):
+    perturb(resnet)
+    before = snapshot(resnet)
+
+    ftk.ReinitializeTop(k).apply(resnet)
+
+    reinitialized = names_in(resnet, RESNET_GROUPS, range(len(RESNET_GROUPS) - 1 - k, len(RESNET_GROUPS) - 1))
+    reset_stats = {
+        f"{name}.{stat}"
+        for name, module in resnet.named_modules()
+        if isinstance(module, nn.BatchNorm2d) and f"{name}.weight" in reinitialized
+        for stat in ("running_mean", "running_var")
+    }
+    assert changed_names(resnet, before) == reinitialized | reset_stats
+    assert trainable_names(resnet) == all_names(resnet)
+    bn = resnet.layer4[1].bn2
+    assert torch.equal(bn.weight, torch.ones(512))
+    assert torch.equal(bn.bias, torch.zeros(512))
+    assert torch.equal(bn.running_mean, torch.zeros(512))
+    assert torch.equal(bn.running_var, torch.ones(512))
+
+
+def test_reinitialize_top_follows_torch_seed(resnet):
+    other = torchvision.models.resnet18(weights=None)
+    other.load_state_dict(resnet.state_dict())
+
+    torch.manual_seed(7)
+    ftk.ReinitializeTop(2).apply(resnet)
+    torch.manual_seed(7)
+    ftk.ReinitializeTop(2).apply(other)
+
+    assert changed_names(resnet, other.state_dict()) == set()
+
+
+@pytest.mark.parametrize("k", [10, 30])
+def test_reinitialize_top_out_of_range_changes_nothing(resnet, k):
+    ftk.freeze_to(resnet, -3)
+    state = requires_grad_state(resnet)
+    before = snapshot(resnet)
+
+    with pytest.raises(IndexError, match=rf"ReinitializeTop\(k={k}\) .* but ResNet has 9\. Pass 1 <= k <= 9\."):
+        ftk.ReinitializeTop(k).apply(resnet)
+
+    assert requires_grad_state(resnet) == state
+    assert changed_names(resnet, before) == set()
+
+
+class Scale(nn.Module):
+    """Elementwise scale with a parameter and no ``reset_parameters``."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((size,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_reinitialize_top_warns_on_module_without_reset():
+    model = nn.Sequential(nn.Linear(4, 4), Scale(4), nn.Linear(4, 4), nn.Linear(4, 2))
+
+    with pytest.warns(ftk.FinetuneKitWarning, match=r"kept the pretrained values of \['1\.scale'\] \(1 tensors\)"):
+        ftk.ReinitializeTop(2).apply(model)
+
+    assert torch.equal(model[1].scale, torch.full((4,), 2.0))
+
+
+# --- ProgressiveFreezing --------------------------------------------------------------------
+
+
+def test_progressive_freezing_resnet_schedule(resnet):
+    policy = ftk.ProgressiveFreezing(total_epochs=4, first=0.5)
+    policy.apply(resnet)
+    # Body group i freezes at ceil(2 + 2 * i / 9): the stem at 2, layer1.0-layer2.1 at 3, the rest at 4.
+    frozen_from = {0: [], 1: [], 2: [0], 3: [0, 1, 2, 3, 4], 4: list(range(9)), 5: list(range(9))}
+
+    for epoch, frozen_groups in frozen_from.items():
+        previous = trainable_names(resnet)
+        summary = policy.on_epoch(resnet, epoch)
+
+        expected = all_names(resnet) - names_in(resnet, RESNET_GROUPS, frozen_groups)
+        assert trainable_names(resnet) == expected, f"epoch {epoch}"
+        if expected == previous:
+            assert summary is None, f"epoch {epoch}"
+        else:
+            assert set(summary.frozen) == previous - expected, f"epoch {epoch}"
+
+
+def test_progressive_freezing_head_always_trains(case):
+    model, prefixes = case
+    policy = ftk.ProgressiveFreezing(total_epochs=3, first=0.34)
+    policy.apply(model)
+
+    for epoch in range(5):
+        policy.on_epoch(model, epoch)
+        assert top(model, prefixes, 1) <= trainable_names(model), f"epoch {epoch}"
+
+    assert trainable_names(model) == top(model, prefixes, 1)
+
+
+def test_progressive_freezing_jumps_to_later_epoch(resnet):
+    ftk.ProgressiveFreezing(total_epochs=4).on_epoch(resnet, 3)
+
+    assert trainable_names(resnet) == names_in(resnet, RESNET_GROUPS, range(5, 10))
+
+
+@pytest.mark.parametrize(
+    ("policy", "num_body_groups", "expected"),
+    [
+        (ftk.ProgressiveFreezing(4, first=0.5), 9, [2, 3, 3, 3, 3, 4, 4, 4, 4]),
+        (ftk.ProgressiveFreezing(10, first=0.3), 2, [3, 7]),
+        (ftk.ProgressiveFreezing(5, first=1), 3, [5, 5, 5]),
+        (ftk.ProgressiveFreezing(1), 0, []),
+    ],
+)
+def test_progressive_freezing_freeze_epochs(policy, num_body_groups, expected):
+    assert policy.freeze_epochs(num_body_groups) == expected
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: ftk.ReinitializeTop(0), ValueError, r"ReinitializeTop\(k=0\) is out of range: pass k >= 1"),
+        (lambda: ftk.ReinitializeTop(1.0), TypeError, r"k must be an int, not float"),
+        (lambda: ftk.ProgressiveFreezing(0), ValueError, r"total_epochs=0\) is out of range: pass total_epochs >= 1"),
+        (lambda: ftk.ProgressiveFreezing(True), TypeError, r"total_epochs must be an int, not bool"),
+        (lambda: ftk.ProgressiveFreezing(4, first=0), ValueError, r"first=0\) is out of range: pass 0 < first <= 1"),
+        (lambda: ftk.ProgressiveFreezing(4, first=1.5), ValueError, r"first=1\.5\) is out of range"),
+        (lambda: ftk.ProgressiveFreezing(4, first="0.5"), TypeError, r"first must be a real number, not str"),
+        (lambda: ftk.ProgressiveFreezing(4, bn="freeze"), ValueError, r"bn='freeze' is not a BatchNorm policy"),
+    ],
+)
+def test_new_policies_invalid_constructor_argument_raises(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+# --- SurgicalFineTuning.from_gradients ------------------------------------------------------
+
+
+class Multiply(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def make_scaled_mlp() -> nn.Module:
+    """MLP whose group ``'4'`` sees its input scaled by 50 and has weights scaled by 1/50.
+
+    The output is as without the scaling, but group ``'4'``'s gradient is 50 times larger
+    and its weights 50 times smaller, so its relative gradient norm dominates.
+    """
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), Multiply(50.0), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    with torch.no_grad():
+        model[4].weight.div_(50.0)
+    return model
+
+
+def classification_batches(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(count)]
+
+
+def test_from_gradients_chooses_dominant_group():
+    model = make_scaled_mlp()
+
+    policy = ftk.SurgicalFineTuning.from_gradients(model, classification_batches(), nn.functional.cross_entropy, 1)
+
+    assert policy.groups_to_train == ("4",)
+
+
+def test_from_gradients_returns_k_groups_in_model_order():
+    model = make_scaled_mlp()
+
+    policy = ftk.SurgicalFineTuning.from_gradients(model, classification_batches(), nn.functional.cross_entropy, 2)
+
+    # Group '4' scores about 46 and the head '6' about 0.7, the next highest.
+    assert policy.groups_to_train == ("4", "6")
+
+
+def test_from_gradients_leaves_model_unchanged():
+    model = make_scaled_mlp()
+    model.train()
+    ftk.freeze_to(model, -2)
+    model[6].weight.grad = torch.full_like(model[6].weight, 3.0)
+    head_grad = model[6].weight.grad
+    model[0].eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    state = requires_grad_state(model)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    before = snapshot(model)
+
+    ftk.SurgicalFineTuning.from_gradients(model, classification_batches(), nn.functional.cross_entropy, 2)
+
+    assert requires_grad_state(model) == state
+    assert all(p.grad is grads[name] for name, p in model.named_parameters())
+    assert model[6].weight.grad is head_grad
+    assert torch.equal(head_grad, torch.full_like(model[6].weight, 3.0))
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    assert changed_names(model, before) == set()
+
+
+def test_from_gradients_batchnorm_stats_unchanged():
+    model = make_scaled_mlp().train()
+    before = snapshot(model)
+
+    ftk.SurgicalFineTuning.from_gradients(model, classification_batches(), nn.functional.cross_entropy, 1)
+
+    assert changed_names(model, before) == set()
+    assert model[1].num_batches_tracked.item() == 0
+    assert model.training is True
+
+
+@pytest.mark.parametrize(
+    ("k", "batches", "error", "message"),
+    [
+        (5, classification_batches(1), IndexError, r"from_gradients\(k=5\) chooses 5 layer groups, but Sequential has 4"),
+        (0, classification_batches(1), ValueError, r"from_gradients\(k=0\) is out of range: pass k >= 1"),
+        (1, [], ValueError, r"yielded no \(inputs, labels\) pair"),
+    ],
+)
+def test_from_gradients_invalid_argument_changes_nothing(k, batches, error, message):
+    model = make_scaled_mlp()
+    ftk.freeze_to(model, -2)
+    state = requires_grad_state(model)
+    before = snapshot(model)
+
+    with pytest.raises(error, match=message):
+        ftk.SurgicalFineTuning.from_gradients(model, batches, nn.functional.cross_entropy, k)
+
+    assert requires_grad_state(model) == state
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training is True
+    assert changed_names(model, before) == set()
