@@ -139,3 +139,33 @@ def test_keep_state_on_refreeze(resnet, keep_state):
 
     assert (resnet.conv1.weight in optimizer.state) is keep_state
     assert resnet.fc.weight in optimizer.state
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [nn.BatchNorm1d(8), nn.LazyBatchNorm1d(), nn.InstanceNorm1d(8, affine=True, track_running_stats=True)],
+    ids=["BatchNorm1d", "LazyBatchNorm1d", "InstanceNorm1d"],
+)
+def test_norm_kinds_locked_when_frozen(norm):
+    model = nn.Sequential(nn.Conv1d(4, 8, 1), norm, nn.Conv1d(8, 2, 1))
+    model(torch.randn(6, 4, 5))  # materializes the lazy layer
+    ftk.freeze(model, "1")
+    before = norm.running_mean.clone()
+
+    model.train()
+    model(torch.randn(6, 4, 5) * 5)
+
+    assert not norm.training
+    assert torch.equal(norm.running_mean, before)
+
+
+def test_sync_batchnorm_frozen_runs_without_process_group(resnet):
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(resnet)
+    ftk.freeze_to(model, -1)
+    before = model.bn1.running_mean.clone()
+
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+
+    assert isinstance(model.bn1, nn.SyncBatchNorm)
+    assert torch.equal(model.bn1.running_mean, before)
