@@ -150,7 +150,7 @@ def _count(module: nn.Module) -> int:
 
 
 def _is_wrapper(module: nn.Module) -> bool:
-    """Whether ``module`` has two or more children with parameters, one of them composite."""
+    """Return whether ``module`` has two or more children with parameters, one of them composite."""
     children = [child for child in module.children() if _has_parameters(child)]
     return len(children) >= 2 and any(next(child.children(), None) is not None for child in children)
 
@@ -162,17 +162,17 @@ def _repeated_classes(module: nn.Module) -> set[type[nn.Module]]:
 
 
 def _is_leaf_class(module: nn.Module, cls: type[nn.Module]) -> bool:
-    """Whether the children of ``module`` of class ``cls`` have no children of their own."""
+    """Return whether the children of ``module`` of class ``cls`` have no children of their own."""
     return all(next(child.children(), None) is None for child in module.children() if type(child) is cls)
 
 
 def _is_stack(module: nn.Module) -> bool:
-    """Whether ``module`` is a Sequential or ModuleList that repeats a block class."""
+    """Return whether ``module`` is a Sequential or ModuleList that repeats a block class."""
     return isinstance(module, (nn.Sequential, nn.ModuleList)) and bool(_repeated_classes(module))
 
 
 def _is_uniform_stack(module: nn.Module) -> bool:
-    """Whether ``module`` is a stack whose children with parameters are all composite blocks of one class.
+    """Return whether ``module`` is a stack whose children with parameters are all composite blocks of one class.
 
     Sequentials of layers inside a block (MobileNetV2's ``conv``, MobileNetV3's ``block``
     of three Conv2dNormActivation) are not uniform stacks, because their repeated class is
@@ -193,7 +193,7 @@ def _depth(module: nn.Module) -> int:
 
 
 def _contains_deep_stack(module: nn.Module) -> bool:
-    """Whether ``module`` holds a uniform stack of blocks that nest modules two or more levels deep.
+    """Return whether ``module`` holds a uniform stack of blocks that nest modules two or more levels deep.
 
     T5's encoder and decoder are two siblings of one class, but each holds a stack of deep
     blocks, so they are walked into. GoogLeNet's inception modules hold only short

@@ -90,9 +90,9 @@ def freeze(
             - a callable ``(name, parameter) -> bool`` that selects parameters.
         groups: Layer groups to use instead of ``layer_groups(model)``.
         bn: BatchNorm policy for the normalization layers with running statistics whose
-            parameters this call freezes: ``"frozen"`` locks their statistics and runs them
-            in eval mode, ``"train"`` keeps their affine parameters trainable and their
-            statistics updating (fastai's ``train_bn``), ``"stats"`` freezes the
+            parameters this call freezes. ``"frozen"`` locks their statistics and runs
+            them in eval mode. ``"train"`` keeps their affine parameters trainable and
+            their statistics updating (fastai's ``train_bn``). ``"stats"`` freezes the
             parameters but lets the statistics adapt to the new data. ``None`` keeps the
             policy an earlier call set on each layer, ``"frozen"`` by default.
 
@@ -235,9 +235,9 @@ def freeze_to(
             ``n`` equal to the number of groups freezes everything, with a warning.
         groups: Layer groups to use instead of ``layer_groups(model)``.
         bn: BatchNorm policy for the normalization layers with running statistics whose
-            parameters this call freezes: ``"frozen"`` locks their statistics and runs them
-            in eval mode, ``"train"`` keeps their affine parameters trainable and their
-            statistics updating (fastai's ``train_bn``), ``"stats"`` freezes the
+            parameters this call freezes. ``"frozen"`` locks their statistics and runs
+            them in eval mode. ``"train"`` keeps their affine parameters trainable and
+            their statistics updating (fastai's ``train_bn``). ``"stats"`` freezes the
             parameters but lets the statistics adapt to the new data. ``None`` keeps the
             policy an earlier call set on each layer, ``"frozen"`` by default.
         optimizer: An optimizer to keep consistent. Parameters that become trainable

@@ -21,10 +21,10 @@ __all__ = ["LayerGroup", "Split", "layer_groups"]
 logger = logging.getLogger(__name__)
 
 Split = Callable[[nn.Module], Any] | Mapping[str, Any]
-"""A user's own grouping for :func:`layer_groups`: a mapping from group names to module
-names, parameter names or glob patterns (or lists of them), or a callable that takes the
-model and returns such a mapping, or a list of groups, each a module, parameter, name or
-pattern, or a list of those."""
+"""A user's own grouping for :func:`layer_groups`. It is a mapping from group names to
+module names, parameter names or glob patterns (or lists of them), or a callable that
+takes the model and returns such a mapping or a list of groups. A group may also hold
+modules or parameters themselves."""
 
 @dataclass(eq=False)
 class LayerGroup:
@@ -84,8 +84,8 @@ def layer_groups(
     becomes a group. Nested stacks are walked in order, a stage that wraps a stack of
     blocks is split into its blocks, and sibling modules of one repeated composite class
     (GoogLeNet's ``inception3a``, ``inception3b``, ...) are blocks too. The other modules
-    in front of the first block form ``"stem"``, other modules between or after blocks
-    form groups of their own, and the output layer found by :func:`finetunekit.find_head`
+    in front of the first block form ``"stem"``, and other modules between or after
+    blocks form groups of their own. The output layer found by :func:`finetunekit.find_head`
     is the last group, together with any auxiliary heads (GoogLeNet, Inception v3). A
     model with no block stack gets a group per child that holds parameters. Modules
     without parameters (activations, pooling, dropout) join the group before them. The
