@@ -111,7 +111,7 @@ class _Planner:
     def visit_flat(self, module: nn.Module, prefix: str, share: float) -> None:
         """Split a model without block stacks into a group per child with parameters.
 
-        A child that holds most of the parameters and wraps several children with
+        A child that contains most of the parameters and wraps several children with
         parameters, one of them composite (ALBERT's ``albert``, whose one shared layer
         forms no stack), is split the same way, so that the groups are not one wrapper
         and a head.

@@ -34,4 +34,4 @@ class HeadNotFoundError(FinetuneKitError, ValueError):
 
 
 class NoParametersError(FinetuneKitError, ValueError):
-    """The model, or the selection asked for, holds no parameters."""
+    """The model, or the requested selection, contains no parameters."""

@@ -106,9 +106,9 @@ def replace_head(
         model: The model to change. Modified in place.
         num_classes: Number of output classes, or a ready module to use as the head.
         head: Qualified name of the output layer, when :func:`find_head` does not find it.
-        pooling: For Hugging Face encoders with a ``pooler`` (the BERT family), how the
-            token states become one vector: ``"pooler"`` keeps the pretrained pooler,
-            ``"cls"`` takes the first token's state, ``"mean"`` averages the states of the
+        pooling: How the token states become one vector, for Hugging Face encoders with
+            a ``pooler`` (the BERT family). ``"pooler"`` keeps the pretrained pooler.
+            ``"cls"`` takes the first token's state. ``"mean"`` averages the states of the
             tokens that ``attention_mask`` marks as real. ``"cls"`` and ``"mean"`` drop the
             pooler's parameters. ``None`` leaves the pooling as it is.
 

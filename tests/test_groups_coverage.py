@@ -14,7 +14,7 @@ import finetunekit as ftk
 
 TORCHVISION_MODELS = torchvision.models.list_models(module=torchvision.models)
 # RegNets compute their block widths with tensors while they are built, which fails on the
-# meta device, so they are built for real; the largest ones take seconds and gigabytes.
+# meta device, so they are built for real. The largest ones take seconds and gigabytes.
 BUILT_ON_CPU = {name for name in TORCHVISION_MODELS if name.startswith("regnet")}
 LARGE_ON_CPU = {"regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf", "regnet_x_32gf", "regnet_x_16gf"}
 
