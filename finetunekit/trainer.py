@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._batches import forward_batch
 from .freezing import FreezeSummary, freeze_to, unfreeze
 from .groups import LayerGroup, resolve_groups
 from .param_groups import param_groups
@@ -63,24 +64,38 @@ class Phase:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"Phase epochs={self.epochs!r} must be a positive integer.")
+        if (
+            isinstance(self.epochs, bool)
+            or not isinstance(self.epochs, int)
+            or self.epochs < 1
+        ):
+            raise ValueError(
+                f"Phase epochs={self.epochs!r} must be a positive integer."
+            )
         if self.train_groups != "all" and (
-            isinstance(self.train_groups, bool) or not isinstance(self.train_groups, int) or self.train_groups < 1
+            isinstance(self.train_groups, bool)
+            or not isinstance(self.train_groups, int)
+            or self.train_groups < 1
         ):
             raise ValueError(
                 f"Phase train_groups={self.train_groups!r} must be a positive integer "
                 "(the number of layer groups from the head) or 'all'."
             )
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"Phase schedule={self.schedule!r} is not 'constant' or 'cosine'.")
+            raise ValueError(
+                f"Phase schedule={self.schedule!r} is not 'constant' or 'cosine'."
+            )
         if self.name is None:
             if self.train_groups == "all":
                 self.name = "all"
             else:
-                self.name = "head" if self.train_groups == 1 else f"top{self.train_groups}"
+                self.name = (
+                    "head" if self.train_groups == 1 else f"top{self.train_groups}"
+                )
 
-    def apply(self, model: nn.Module, groups: Sequence[LayerGroup] | None = None) -> FreezeSummary:
+    def apply(
+        self, model: nn.Module, groups: Sequence[LayerGroup] | None = None
+    ) -> FreezeSummary:
         """Freeze and unfreeze ``model`` in place so that exactly this phase's groups train.
 
         Args:
@@ -155,7 +170,9 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         if not phases:
-            raise ValueError("Trainer needs at least one Phase, for example [Phase(epochs=1, train_groups=1)].")
+            raise ValueError(
+                "Trainer needs at least one Phase, for example [Phase(epochs=1, train_groups=1)]."
+            )
         self.model = model
         self.phases = list(phases)
         self.train_data = train_data
@@ -164,7 +181,11 @@ class Trainer:
         self.metrics = dict(metrics) if metrics is not None else {"accuracy": accuracy}
         self.optimizer_class = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else next(model.parameters()).device
+        )
         self.max_grad_norm = max_grad_norm
         self.groups = list(groups) if groups is not None else None
         self.progress = progress
@@ -184,7 +205,9 @@ class Trainer:
         for phase in self.phases:
             self._start_phase(phase)
             scheduler = self._scheduler(phase)
-            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            trainable = sum(
+                p.numel() for p in self.model.parameters() if p.requires_grad
+            )
             for epoch in range(1, phase.epochs + 1):
                 train_loss = self._train_epoch(phase, epoch, scheduler)
                 record: dict[str, Any] = {
@@ -210,7 +233,9 @@ class Trainer:
         """
         data = self.val_data if data is None else data
         if data is None:
-            raise ValueError("evaluate() needs data: pass it, or give the Trainer val_data.")
+            raise ValueError(
+                "evaluate() needs data: pass it, or give the Trainer val_data."
+            )
         was_training = self.model.training
         self.model.eval()
         all_logits, all_labels = [], []
@@ -224,14 +249,18 @@ class Trainer:
 
         logits, labels = torch.cat(all_logits), torch.cat(all_labels)
         results = {"loss": float(self.loss_fn(logits, labels))}
-        results.update({name: float(fn(logits, labels)) for name, fn in self.metrics.items()})
+        results.update(
+            {name: float(fn(logits, labels)) for name, fn in self.metrics.items()}
+        )
         return results
 
     def _start_phase(self, phase: Phase) -> None:
         # Groups are found per phase, so a head replaced after the Trainer was built is seen.
         layers = resolve_groups(self.model, self.groups)
         summary = phase.apply(self.model, groups=layers)
-        groups = param_groups(self.model, phase.lr, weight_decay=phase.weight_decay, groups=layers)
+        groups = param_groups(
+            self.model, phase.lr, weight_decay=phase.weight_decay, groups=layers
+        )
         new = self.optimizer_class(groups, **self.optimizer_kwargs)
 
         # A parameter that trained in any earlier phase gets its optimizer state (moments,
@@ -268,7 +297,10 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def _train_epoch(
-        self, phase: Phase, epoch: int, scheduler: torch.optim.lr_scheduler.LRScheduler | None
+        self,
+        phase: Phase,
+        epoch: int,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     ) -> float:
         assert self.optimizer is not None
         self.model.train()
@@ -302,41 +334,15 @@ class Trainer:
         return total_loss / total_count
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(batch, Mapping):
-            if "labels" not in batch:
-                raise KeyError(f"A mapping batch needs a 'labels' entry; this one has keys {sorted(batch)}.")
-            labels = batch["labels"].to(self.device)
-            inputs = {k: _to_device(v, self.device) for k, v in batch.items() if k != "labels"}
-            output = self.model(**inputs)
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            inputs, labels = _to_device(batch[0], self.device), batch[1].to(self.device)
-            output = self.model(inputs)
-        else:
-            raise TypeError(
-                f"A batch must be an (inputs, labels) pair or a mapping with 'labels'; got {type(batch).__name__}."
-            )
-        return _logits(output), labels
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    return value
-
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}.")
+        return forward_batch(self.model, batch, self.device)
 
 
 def _format_record(record: Mapping[str, Any]) -> str:
-    parts = [f"phase {record['phase']}", f"epoch {record['epoch']}", f"trainable {record['trainable_params']:,}"]
+    parts = [
+        f"phase {record['phase']}",
+        f"epoch {record['epoch']}",
+        f"trainable {record['trainable_params']:,}",
+    ]
     for key, value in record.items():
         if key not in ("phase", "epoch", "trainable_params"):
             parts.append(f"{key} {value:.4f}")
