@@ -1,0 +1,208 @@
+"""Save and load optimizer state keyed by parameter names, so resuming survives a new frozen set."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils import close_matches, format_suggestions, named_parameters_once
+
+__all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "finetunekit.optimizer/1"
+# State entries that are counters rather than per-element tensors, so their shape is not checked.
+_SCALAR_KEYS = frozenset({"step"})
+
+
+def optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Return the optimizer's state keyed by parameter names instead of positions.
+
+    ``optimizer.state_dict()`` numbers parameters by their position in the optimizer,
+    so loading it into an optimizer built over a different set of trainable parameters
+    hands one layer's moments to another. This dict names each parameter as
+    ``model.named_parameters()`` does (a tied parameter under its first name) and can
+    be saved with ``torch.save``. Nothing is copied: the tensors are the optimizer's own.
+
+    Args:
+        model: The model whose parameters the optimizer holds. Not modified.
+        optimizer: Any ``torch.optim`` optimizer over parameters of ``model``.
+
+    Returns:
+        A dict with ``"state"`` (parameter name to that parameter's state, such as
+        ``exp_avg``) and ``"param_groups"`` (each group's settings and the names of its
+        parameters).
+
+    Raises:
+        ValueError: If the optimizer holds a tensor that is not a parameter of ``model``.
+
+    Example:
+        >>> torch.save(optimizer_state_dict(model, optimizer), "optimizer.pt")
+    """
+    names = _names_by_id(model)
+    groups = []
+    state: dict[str, dict[str, Any]] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        group_names = [_name_of(p, names, index) for p in group["params"]]
+        groups.append(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": group_names}
+        )
+        for param, name in zip(group["params"], group_names):
+            if optimizer.state.get(param):
+                state[name] = dict(optimizer.state[param])
+    return {"format": _FORMAT, "state": state, "param_groups": groups}
+
+
+def load_optimizer_state_dict(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> None:
+    """Load state saved by :func:`optimizer_state_dict`, matching parameters by name.
+
+    Each parameter in ``optimizer`` gets the state saved under its own name; one with no
+    saved state (for example, frozen when the state was saved) starts fresh. A param
+    group's settings (``lr``, ``initial_lr``, ``weight_decay``, ...) are restored when all
+    of its saved parameters came from one saved group; otherwise the group keeps the
+    settings it was built with. State tensors are cast to each parameter's dtype and
+    device, as ``optimizer.load_state_dict`` does. ``optimizer`` is changed in place, and
+    only after every check passes.
+
+    Args:
+        model: The model whose parameters ``optimizer`` holds. Not modified.
+        optimizer: The optimizer to load into. Its param groups may differ from the saved
+            ones, for example after freezing or unfreezing layer groups.
+        state_dict: A dict returned by :func:`optimizer_state_dict`, possibly loaded with
+            ``torch.load``.
+        strict: If true, saved state of a parameter that is in ``model`` but not in
+            ``optimizer`` (now frozen, or left out) is an error; if false it is dropped
+            and logged.
+
+    Raises:
+        ValueError: If ``state_dict`` is not in this format, names a parameter that
+            ``model`` lacks, holds a state tensor whose shape differs from its
+            parameter's, or, with ``strict``, holds state for a parameter missing from
+            ``optimizer``; or if ``optimizer`` holds a tensor that is not a parameter of
+            ``model``.
+
+    Example:
+        >>> optimizer = torch.optim.AdamW(param_groups(model, lr=1e-4))
+        >>> load_optimizer_state_dict(model, optimizer, torch.load("optimizer.pt"))
+    """
+    if not isinstance(state_dict, Mapping) or state_dict.get("format") != _FORMAT:
+        found = (
+            state_dict.get("format")
+            if isinstance(state_dict, Mapping)
+            else type(state_dict).__name__
+        )
+        raise ValueError(
+            f"state_dict has format {found!r}, not {_FORMAT!r}. Pass a dict made by "
+            "finetunekit.optimizer_state_dict(model, optimizer); for optimizer.state_dict() "
+            "output use optimizer.load_state_dict()."
+        )
+    params = dict(named_parameters_once(model))
+    names = _names_by_id(model)
+    saved_state: Mapping[str, Mapping[str, Any]] = state_dict["state"]
+    saved_groups: list[Mapping[str, Any]] = state_dict["param_groups"]
+
+    unknown = sorted(set(saved_state) - set(params))
+    if unknown:
+        raise ValueError(
+            f"The saved optimizer state names {len(unknown)} parameters that "
+            f"{type(model).__name__} does not have, such as {unknown[0]!r}."
+            f"{format_suggestions(close_matches(unknown[0], params))} "
+            "Load it into the same architecture it was saved from."
+        )
+
+    targets = [
+        [_name_of(p, names, i) for p in group["params"]]
+        for i, group in enumerate(optimizer.param_groups)
+    ]
+    held = {name for group in targets for name in group}
+    orphans = sorted(set(saved_state) - held)
+    if orphans and strict:
+        raise ValueError(
+            f"Saved optimizer state of {len(orphans)} parameters has no place in the optimizer, "
+            f"because they are frozen or left out now, such as {orphans[0]!r}. Unfreeze them "
+            "before building the optimizer, or pass strict=False to drop their state."
+        )
+    if orphans:
+        logger.info(
+            "dropped the saved optimizer state of %d parameters not in the optimizer",
+            len(orphans),
+        )
+
+    for name in (n for group_names in targets for n in group_names if n in saved_state):
+        _check_shapes(name, params[name], saved_state[name])
+
+    group_of = {
+        name: index
+        for index, group in enumerate(saved_groups)
+        for name in group["params"]
+    }
+    positional_state: dict[int, Any] = {}
+    positional_groups: list[dict[str, Any]] = []
+    position = 0
+    for group, group_names in zip(optimizer.param_groups, targets):
+        settings = {k: v for k, v in group.items() if k != "params"}
+        sources = {group_of[name] for name in group_names if name in group_of}
+        if len(sources) == 1:
+            saved_settings = saved_groups[sources.pop()]
+            settings.update({k: v for k, v in saved_settings.items() if k != "params"})
+        indices = []
+        for name in group_names:
+            if name in saved_state:
+                positional_state[position] = dict(saved_state[name])
+            indices.append(position)
+            position += 1
+        positional_groups.append({**settings, "params": indices})
+
+    optimizer.load_state_dict(
+        {"state": positional_state, "param_groups": positional_groups}
+    )
+    fresh = sum(1 for name in held if name not in saved_state)
+    logger.info(
+        "loaded optimizer state of %d parameters by name; %d start fresh",
+        len(held) - fresh,
+        fresh,
+    )
+
+
+def _names_by_id(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in named_parameters_once(model)}
+
+
+def _name_of(param: torch.Tensor, names: Mapping[int, str], group_index: int) -> str:
+    name = names.get(id(param))
+    if name is None:
+        raise ValueError(
+            f"Param group {group_index} of the optimizer holds a tensor of shape {tuple(param.shape)} "
+            "that is not a parameter of the model. Build the optimizer over model.parameters() "
+            "or finetunekit.param_groups(model, ...)."
+        )
+    return name
+
+
+def _check_shapes(name: str, param: nn.Parameter, state: Mapping[str, Any]) -> None:
+    for key, value in state.items():
+        if (
+            key in _SCALAR_KEYS
+            or not isinstance(value, torch.Tensor)
+            or value.ndim == 0
+        ):
+            continue
+        if value.shape != param.shape:
+            raise ValueError(
+                f"Saved optimizer state {key!r} of {name!r} has shape {tuple(value.shape)}, but the "
+                f"parameter has shape {tuple(param.shape)}. The state was saved from a different "
+                "architecture or head size; rebuild the model as it was when the state was saved."
+            )

@@ -1,0 +1,134 @@
+"""Optimizer state saved and loaded by parameter name, across a changed frozen set."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torchvision
+from conftest import make_bert
+
+import finetunekit as ftk
+from finetunekit.optim_state import load_optimizer_state_dict, optimizer_state_dict
+
+
+def train_steps(model, optimizer, steps: int = 5) -> None:
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+        optimizer.step()
+
+
+def roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_resume_into_different_frozen_set_restores_each_parameters_moments():
+    model = torchvision.models.resnet18(weights=None)
+    ftk.freeze_to(model, -3)  # layer4.0, layer4.1, fc
+    optimizer = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-4, 1e-3)))
+    train_steps(model, optimizer)
+    saved = roundtrip(optimizer_state_dict(model, optimizer))
+    expected = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()
+                if p in optimizer.state}
+
+    fresh = torchvision.models.resnet18(weights=None)
+    fresh.load_state_dict(model.state_dict())
+    ftk.freeze_to(fresh, -4)  # layer3.1 now trains too, and sits first in the optimizer
+    new_optimizer = torch.optim.AdamW(ftk.param_groups(fresh, lr=slice(1e-4, 1e-3)))
+    load_optimizer_state_dict(fresh, new_optimizer, saved)
+
+    params = dict(fresh.named_parameters())
+    assert set(expected) == {n for n in params if n.startswith(("layer4.", "fc."))}
+    for name, state in expected.items():
+        loaded = new_optimizer.state[params[name]]
+        assert torch.equal(loaded["exp_avg"], state["exp_avg"]), name
+        assert torch.equal(loaded["exp_avg_sq"], state["exp_avg_sq"]), name
+        assert float(loaded["step"]) == 5.0
+    # Parameters that were frozen when the state was saved start fresh.
+    assert all(not new_optimizer.state[p] for n, p in params.items() if n.startswith("layer3.1."))
+
+
+def test_positional_load_would_mismatch_but_named_load_does_not():
+    # The failure this module exists for: torch's positional state dict of an optimizer
+    # over fc only, loaded into one over layer4.1 + fc, puts fc's moments on layer4.1.
+    model = torchvision.models.resnet18(weights=None)
+    ftk.freeze_to(model, -1)
+    optimizer = torch.optim.Adam(ftk.param_groups(model, lr=1e-3, merge=False))
+    train_steps(model, optimizer, 2)
+    named = optimizer_state_dict(model, optimizer)
+
+    ftk.freeze_to(model, -2)
+    wider = torch.optim.Adam(ftk.param_groups(model, lr=1e-3, merge=False))
+    load_optimizer_state_dict(model, wider, named)
+
+    assert torch.equal(wider.state[model.fc.weight]["exp_avg"], optimizer.state[model.fc.weight]["exp_avg"])
+    assert not wider.state[model.layer4[1].conv1.weight]
+
+
+def test_group_settings_are_restored_when_groups_match():
+    model = make_bert()
+    optimizer = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-5, 1e-3)))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.step()
+    scheduler.step()
+    saved = optimizer_state_dict(model, optimizer)
+
+    again = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-5, 1e-3)))
+    load_optimizer_state_dict(model, again, saved)
+
+    assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert [g["initial_lr"] for g in again.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
+
+
+def test_strict_refuses_state_for_parameters_now_frozen():
+    model = torchvision.models.resnet18(weights=None)
+    ftk.freeze_to(model, -2)
+    optimizer = torch.optim.SGD(ftk.param_groups(model, lr=0.1), momentum=0.9)
+    train_steps(model, optimizer, 1)
+    saved = optimizer_state_dict(model, optimizer)
+    ftk.freeze_to(model, -1)
+    narrower = torch.optim.SGD(ftk.param_groups(model, lr=0.1), momentum=0.9)
+
+    with pytest.raises(ValueError, match=r"no place in the optimizer.*'layer4\.1\..*strict=False"):
+        load_optimizer_state_dict(model, narrower, saved)
+    assert not narrower.state
+
+    load_optimizer_state_dict(model, narrower, saved, strict=False)
+    assert torch.equal(narrower.state[model.fc.weight]["momentum_buffer"],
+                       optimizer.state[model.fc.weight]["momentum_buffer"])
+
+
+def test_state_of_another_architecture_is_refused_by_name_and_shape():
+    model = torchvision.models.resnet18(weights=None)
+    optimizer = torch.optim.Adam(model.parameters())
+    train_steps(model, optimizer, 1)
+    saved = optimizer_state_dict(model, optimizer)
+
+    other = torchvision.models.resnet18(weights=None, num_classes=7)
+    with pytest.raises(ValueError, match=r"'exp_avg' of 'fc.weight' has shape \(1000, 512\).*\(7, 512\)"):
+        load_optimizer_state_dict(other, torch.optim.Adam(other.parameters()), saved)
+
+    vgg = torchvision.models.vgg11(weights=None)
+    with pytest.raises(ValueError, match=r"does not have, such as 'bn1.bias'"):
+        load_optimizer_state_dict(vgg, torch.optim.Adam(vgg.parameters()), saved)
+
+
+def test_positional_state_dict_is_refused_with_the_fix():
+    model = torchvision.models.resnet18(weights=None)
+    optimizer = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"optimizer.load_state_dict\(\)"):
+        load_optimizer_state_dict(model, optimizer, optimizer.state_dict())
+
+
+def test_foreign_tensor_in_optimizer_is_named():
+    model = torchvision.models.resnet18(weights=None)
+    stray = torch.nn.Parameter(torch.zeros(3, 4))
+    optimizer = torch.optim.Adam([*model.parameters(), stray])
+    with pytest.raises(ValueError, match=r"shape \(3, 4\) that is not a parameter of the model"):
+        optimizer_state_dict(model, optimizer)
