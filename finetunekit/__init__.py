@@ -19,7 +19,8 @@ from .errors import (
 from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
 from .heads import TokenPooler, find_head, replace_head
-from .param_groups import ParamGroup, is_no_decay, layer_lrs, param_groups
+from .optim_state import load_optimizer_state_dict, optimizer_state_dict
+from .param_groups import NoDecayRule, ParamGroup, is_no_decay, layer_lrs, param_groups
 from .policies import (
     BitFit,
     FeatureExtraction,
@@ -32,6 +33,7 @@ from .policies import (
     SurgicalFineTuning,
 )
 from .report import Report, describe
+from .schedules import one_cycle, slanted_triangular, warmup_schedule
 from .trainer import Phase, Trainer, accuracy
 
 __version__ = "0.1.0"
@@ -47,6 +49,7 @@ __all__ = [
     "HeadNotFoundError",
     "LayerGroup",
     "LinearProbeThenFinetune",
+    "NoDecayRule",
     "NoMatchingTargetError",
     "NoParametersError",
     "ParamGroup",
@@ -69,8 +72,13 @@ __all__ = [
     "is_no_decay",
     "layer_groups",
     "layer_lrs",
+    "load_optimizer_state_dict",
     "load_pretrained",
+    "one_cycle",
+    "optimizer_state_dict",
     "param_groups",
     "replace_head",
+    "slanted_triangular",
     "unfreeze",
+    "warmup_schedule",
 ]

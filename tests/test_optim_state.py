@@ -34,8 +34,11 @@ def test_resume_into_different_frozen_set_restores_each_parameters_moments():
     optimizer = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-4, 1e-3)))
     train_steps(model, optimizer)
     saved = roundtrip(optimizer_state_dict(model, optimizer))
-    expected = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()
-                if p in optimizer.state}
+    expected = {
+        name: {k: v.clone() for k, v in optimizer.state[p].items()}
+        for name, p in model.named_parameters()
+        if p in optimizer.state
+    }
 
     fresh = torchvision.models.resnet18(weights=None)
     fresh.load_state_dict(model.state_dict())
@@ -51,7 +54,11 @@ def test_resume_into_different_frozen_set_restores_each_parameters_moments():
         assert torch.equal(loaded["exp_avg_sq"], state["exp_avg_sq"]), name
         assert float(loaded["step"]) == 5.0
     # Parameters that were frozen when the state was saved start fresh.
-    assert all(not new_optimizer.state[p] for n, p in params.items() if n.startswith("layer3.1."))
+    assert all(
+        not new_optimizer.state[p]
+        for n, p in params.items()
+        if n.startswith("layer3.1.")
+    )
 
 
 def test_positional_load_would_mismatch_but_named_load_does_not():
@@ -67,7 +74,10 @@ def test_positional_load_would_mismatch_but_named_load_does_not():
     wider = torch.optim.Adam(ftk.param_groups(model, lr=1e-3, merge=False))
     load_optimizer_state_dict(model, wider, named)
 
-    assert torch.equal(wider.state[model.fc.weight]["exp_avg"], optimizer.state[model.fc.weight]["exp_avg"])
+    assert torch.equal(
+        wider.state[model.fc.weight]["exp_avg"],
+        optimizer.state[model.fc.weight]["exp_avg"],
+    )
     assert not wider.state[model.layer4[1].conv1.weight]
 
 
@@ -82,8 +92,12 @@ def test_group_settings_are_restored_when_groups_match():
     again = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-5, 1e-3)))
     load_optimizer_state_dict(model, again, saved)
 
-    assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in optimizer.param_groups]
-    assert [g["initial_lr"] for g in again.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
+    assert [g["lr"] for g in again.param_groups] == [
+        g["lr"] for g in optimizer.param_groups
+    ]
+    assert [g["initial_lr"] for g in again.param_groups] == [
+        g["initial_lr"] for g in optimizer.param_groups
+    ]
 
 
 def test_strict_refuses_state_for_parameters_now_frozen():
@@ -95,13 +109,17 @@ def test_strict_refuses_state_for_parameters_now_frozen():
     ftk.freeze_to(model, -1)
     narrower = torch.optim.SGD(ftk.param_groups(model, lr=0.1), momentum=0.9)
 
-    with pytest.raises(ValueError, match=r"no place in the optimizer.*'layer4\.1\..*strict=False"):
+    with pytest.raises(
+        ValueError, match=r"no place in the optimizer.*'layer4\.1\..*strict=False"
+    ):
         load_optimizer_state_dict(model, narrower, saved)
     assert not narrower.state
 
     load_optimizer_state_dict(model, narrower, saved, strict=False)
-    assert torch.equal(narrower.state[model.fc.weight]["momentum_buffer"],
-                       optimizer.state[model.fc.weight]["momentum_buffer"])
+    assert torch.equal(
+        narrower.state[model.fc.weight]["momentum_buffer"],
+        optimizer.state[model.fc.weight]["momentum_buffer"],
+    )
 
 
 def test_state_of_another_architecture_is_refused_by_name_and_shape():
@@ -111,7 +129,10 @@ def test_state_of_another_architecture_is_refused_by_name_and_shape():
     saved = optimizer_state_dict(model, optimizer)
 
     other = torchvision.models.resnet18(weights=None, num_classes=7)
-    with pytest.raises(ValueError, match=r"'exp_avg' of 'fc.weight' has shape \(1000, 512\).*\(7, 512\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'exp_avg' of 'fc.weight' has shape \(1000, 512\).*\(7, 512\)",
+    ):
         load_optimizer_state_dict(other, torch.optim.Adam(other.parameters()), saved)
 
     vgg = torchvision.models.vgg11(weights=None)
@@ -130,5 +151,7 @@ def test_foreign_tensor_in_optimizer_is_named():
     model = torchvision.models.resnet18(weights=None)
     stray = torch.nn.Parameter(torch.zeros(3, 4))
     optimizer = torch.optim.Adam([*model.parameters(), stray])
-    with pytest.raises(ValueError, match=r"shape \(3, 4\) that is not a parameter of the model"):
+    with pytest.raises(
+        ValueError, match=r"shape \(3, 4\) that is not a parameter of the model"
+    ):
         optimizer_state_dict(model, optimizer)
