@@ -4,119 +4,34 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import trainer_checkpoint
 from ._batches import forward_batch
-from .freezing import FreezeSummary, freeze_to, unfreeze
+from ._precision import (
+    Precision,
+    autocast,
+    check_precision,
+    make_scaler,
+    upcast_trainable,
+)
+from ._utils import named_parameters_once
+from .callbacks import Callback
 from .groups import LayerGroup, resolve_groups
+from .history import History
 from .param_groups import param_groups
+from .phase import Metric, Phase, accuracy
 
 __all__ = ["Phase", "Trainer", "accuracy"]
 
 logger = logging.getLogger(__name__)
-
-Metric = Callable[[torch.Tensor, torch.Tensor], float]
-"""A metric over all validation logits and labels, returning a float."""
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Return the fraction of rows whose highest logit is at the label.
-
-    Example:
-        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
-        0.5
-    """
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
-
-
-@dataclass
-class Phase:
-    """One stage of fine-tuning: which layer groups train, for how long, at which rates.
-
-    Attributes:
-        epochs: Number of passes over the training data.
-        train_groups: How many layer groups, counted from the head, train in this phase:
-            ``1`` trains the head only, ``3`` the top two groups and the head, ``"all"``
-            every group. The other groups are frozen.
-        lr: Learning rate: a float, or ``slice(lo, hi)`` spread geometrically from the
-            first trainable group to the head, as in :func:`finetunekit.param_groups`.
-        weight_decay: Weight decay of the decayed parameters; ``None`` uses the optimizer's default.
-        schedule: ``"constant"``, or ``"cosine"`` to anneal every group's rate to zero over
-            the phase while keeping the ratios between groups.
-        name: Name shown in logs and history; defaults to ``"head"``, ``"top<n>"`` or ``"all"``.
-
-    Example:
-        >>> phases = [Phase(epochs=1, train_groups=1, lr=1e-2),
-        ...           Phase(epochs=2, train_groups=3, lr=slice(1e-4, 1e-3))]
-    """
-
-    epochs: int
-    train_groups: int | Literal["all"] = 1
-    lr: float | slice = 1e-3
-    weight_decay: float | None = None
-    schedule: Literal["constant", "cosine"] = "constant"
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.epochs, bool)
-            or not isinstance(self.epochs, int)
-            or self.epochs < 1
-        ):
-            raise ValueError(
-                f"Phase epochs={self.epochs!r} must be a positive integer."
-            )
-        if self.train_groups != "all" and (
-            isinstance(self.train_groups, bool)
-            or not isinstance(self.train_groups, int)
-            or self.train_groups < 1
-        ):
-            raise ValueError(
-                f"Phase train_groups={self.train_groups!r} must be a positive integer "
-                "(the number of layer groups from the head) or 'all'."
-            )
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(
-                f"Phase schedule={self.schedule!r} is not 'constant' or 'cosine'."
-            )
-        if self.name is None:
-            if self.train_groups == "all":
-                self.name = "all"
-            else:
-                self.name = (
-                    "head" if self.train_groups == 1 else f"top{self.train_groups}"
-                )
-
-    def apply(
-        self, model: nn.Module, groups: Sequence[LayerGroup] | None = None
-    ) -> FreezeSummary:
-        """Freeze and unfreeze ``model`` in place so that exactly this phase's groups train.
-
-        Args:
-            model: The model to change.
-            groups: Layer groups to use instead of ``layer_groups(model)``.
-
-        Returns:
-            What changed, as :func:`finetunekit.freeze_to` reports it.
-
-        Raises:
-            IndexError: If ``train_groups`` is larger than the number of layer groups.
-        """
-        if self.train_groups == "all":
-            return unfreeze(model, groups=groups)
-        groups = resolve_groups(model, groups)
-        if self.train_groups > len(groups):
-            raise IndexError(
-                f"Phase {self.name!r} trains {self.train_groups} layer groups, but "
-                f"{type(model).__name__} has {len(groups)}. Pass train_groups <= {len(groups)} or 'all'."
-            )
-        return freeze_to(model, -self.train_groups, groups=groups)
 
 
 class Trainer:
@@ -128,6 +43,12 @@ class Trainer:
     moments) back. Batches are ``(inputs, labels)`` pairs, or mappings with a ``"labels"``
     key whose other entries are passed to the model as keyword arguments (Hugging Face
     style). A model output with a ``logits`` attribute is read through it.
+
+    Callbacks see the run at its boundaries (see :class:`finetunekit.callbacks.Callback`)
+    and can end a phase or the run through :attr:`stop_phase` and :attr:`stop_training`.
+    With ``checkpoint_dir`` the trainer saves a checkpoint after every
+    ``checkpoint_every`` epochs and at the end of each phase; ``fit(resume_from=path)``
+    continues from one.
 
     Args:
         model: The model to train, in place. It is moved to ``device`` when one is given.
@@ -142,7 +63,22 @@ class Trainer:
         max_grad_norm: Clip the gradient norm of the trainable parameters to this value.
         groups: Layer groups to use instead of ``layer_groups(model)``, which is called
             at the start of each phase.
-        progress: Show a tqdm progress bar for each epoch.
+        progress: Show a tqdm progress bar for each epoch, with the running training
+            loss and the running value of the first metric.
+        callbacks: Objects with any of the hooks of ``Callback``, called in this order.
+        checkpoint_dir: Directory for automatic checkpoints; ``None`` saves none.
+        checkpoint_every: Save after every this many epochs of a phase, and always at
+            the phase's end.
+        precision: ``"fp32"``; ``"bf16"`` for bfloat16 autocast on CPU or GPU; or
+            ``"fp16"`` for float16 autocast with a gradient scaler, on CUDA only. Under
+            ``"bf16"`` and ``"fp16"`` each phase casts its trainable float16 and bfloat16
+            parameters to float32, so the optimizer updates float32 weights.
+        compile: Run the forward pass through ``torch.compile``; a dict is passed to it as
+            keyword arguments. The compiled model is rebuilt at each phase whose
+            trainable set differs from the previous one.
+
+    Raises:
+        ValueError: If ``phases`` is empty, or ``precision`` or ``checkpoint_every`` is invalid.
 
     Example:
         >>> trainer = Trainer(model, [Phase(1, train_groups=1, lr=1e-2),
@@ -168,11 +104,16 @@ class Trainer:
         max_grad_norm: float | None = None,
         groups: Sequence[LayerGroup] | None = None,
         progress: bool = True,
+        callbacks: Sequence[Callback] = (),
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 1,
+        precision: Precision = "fp32",
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         if not phases:
-            raise ValueError(
-                "Trainer needs at least one Phase, for example [Phase(epochs=1, train_groups=1)]."
-            )
+            raise ValueError("Trainer needs at least one Phase, for example [Phase(epochs=1, train_groups=1)].")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every!r} must be a positive integer (epochs).")
         self.model = model
         self.phases = list(phases)
         self.train_data = train_data
@@ -181,46 +122,119 @@ class Trainer:
         self.metrics = dict(metrics) if metrics is not None else {"accuracy": accuracy}
         self.optimizer_class = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
-        self.device = (
-            torch.device(device)
-            if device is not None
-            else next(model.parameters()).device
-        )
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        check_precision(precision, self.device)
         self.max_grad_norm = max_grad_norm
         self.groups = list(groups) if groups is not None else None
         self.progress = progress
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._saved_state: dict[torch.Tensor, Any] = {}
-        self.history: list[dict[str, Any]] = []
+        self.callbacks = list(callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.precision: Precision = precision
+        self.compile_options: dict[str, Any] | None = None
+        if compile is True:
+            self.compile_options = {}
+        elif compile is not False:
+            self.compile_options = dict(compile)
 
-    def fit(self) -> list[dict[str, Any]]:
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.scaler = make_scaler(precision, self.device)
+        self.history = History()
+        self.last_checkpoint: Path | None = None
+        """Path of the most recent checkpoint this trainer wrote."""
+
+        # Position of the run, read by callbacks and saved in checkpoints.
+        self.phase: Phase | None = None
+        self.phase_index = -1
+        self.epoch = 0
+        self.global_step = 0
+        self.stop_phase = False
+        """Set by a callback to end the current phase after the current epoch."""
+        self.stop_training = False
+        """Set by a callback to end the run after the current epoch."""
+
+        self._saved_state: dict[torch.Tensor, Any] = {}
+        self._trained_names: set[str] = set()
+        self._base_buffers: dict[str, str] | None = None
+        self._phase_ended = False
+        self._in_epoch = False
+        self._forward_model: nn.Module = model
+        self._compiled_for: frozenset[str] | None = None
+
+    def fit(self, *, resume_from: str | os.PathLike[str] | None = None) -> History:
         """Run every phase and return one record per epoch.
+
+        Args:
+            resume_from: A checkpoint written by this kind of run. The model must be
+                built and loaded exactly as for the saved run; the trainer then loads the
+                trained weights, optimizer, scheduler, callback and RNG states, and goes on
+                after the saved epoch. The history starts with the saved records.
 
         Returns:
             The history: dicts with ``phase``, ``epoch`` (counted within the phase),
             ``trainable_params``, ``train_loss``, and, with validation data, ``val_loss``
             and ``val_<metric>`` for each metric.
+
+        Raises:
+            CheckpointMismatchError: If the checkpoint was saved from another frozen base,
+                another list of phases or another number of callbacks.
         """
         self.model.to(self.device)
-        for phase in self.phases:
-            self._start_phase(phase)
-            scheduler = self._scheduler(phase)
-            trainable = sum(
-                p.numel() for p in self.model.parameters() if p.requires_grad
-            )
-            for epoch in range(1, phase.epochs + 1):
-                train_loss = self._train_epoch(phase, epoch, scheduler)
-                record: dict[str, Any] = {
-                    "phase": phase.name,
-                    "epoch": epoch,
-                    "trainable_params": trainable,
-                    "train_loss": train_loss,
-                }
-                if self.val_data is not None:
-                    record.update({f"val_{k}": v for k, v in self.evaluate().items()})
-                self.history.append(record)
-                logger.info("%s", _format_record(record))
+        self.stop_training = False
+        if resume_from is not None:
+            first_phase, first_epoch = self._resume(resume_from)
+        else:
+            if self._base_buffers is None:
+                self._base_buffers = trainer_checkpoint.buffer_digests(self.model)
+            first_phase, first_epoch = 0, 1
+        self._call("on_fit_start")
+
+        for index in range(first_phase, len(self.phases)):
+            phase = self.phases[index]
+            if index != first_phase or first_epoch == 1:
+                self._begin_phase(index, phase)
+                first_epoch = 1
+            for epoch in range(first_epoch, phase.epochs + 1):
+                if self.stop_phase or self.stop_training:
+                    break
+                self._run_epoch(phase, epoch)
+            self._end_phase(phase)
+            if self.stop_training:
+                break
+
+        self._call("on_fit_end")
         return self.history
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+        """Save a checkpoint of the run to ``path`` now, between two epochs.
+
+        Call it after ``fit()`` or from a callback's ``on_epoch_end``, ``on_phase_end``
+        or ``on_fit_end``. The file contains the trainable state only: see
+        :mod:`finetunekit.trainer_checkpoint`.
+
+        Returns:
+            The path written.
+
+        Raises:
+            RuntimeError: If called before ``fit()`` started or in the middle of an epoch.
+        """
+        if self._in_epoch:
+            raise RuntimeError(
+                "save_checkpoint() was called in the middle of an epoch, which a resumed run "
+                "cannot continue from. Call it from on_epoch_end or after fit()."
+            )
+        if self.phase is None:
+            raise RuntimeError("save_checkpoint() was called before fit() started; there is no run to save.")
+        path = trainer_checkpoint.save(trainer_checkpoint.build(self), path)
+        self.last_checkpoint = path
+        logger.info(
+            "saved checkpoint %s (phase %s, epoch %d)",
+            path,
+            self.phase.name,
+            self.epoch,
+        )
+        return path
 
     @torch.no_grad()
     def evaluate(self, data: Iterable[Any] | None = None) -> dict[str, float]:
@@ -233,15 +247,14 @@ class Trainer:
         """
         data = self.val_data if data is None else data
         if data is None:
-            raise ValueError(
-                "evaluate() needs data: pass it, or give the Trainer val_data."
-            )
+            raise ValueError("evaluate() needs data: pass it, or give the Trainer val_data.")
         was_training = self.model.training
         self.model.eval()
         all_logits, all_labels = [], []
         try:
             for batch in data:
-                logits, labels = self._forward(batch)
+                with autocast(self.precision, self.device):
+                    logits, labels = self._forward(batch)
                 all_logits.append(logits.float().cpu())
                 all_labels.append(labels.cpu())
         finally:
@@ -249,18 +262,107 @@ class Trainer:
 
         logits, labels = torch.cat(all_logits), torch.cat(all_labels)
         results = {"loss": float(self.loss_fn(logits, labels))}
-        results.update(
-            {name: float(fn(logits, labels)) for name, fn in self.metrics.items()}
-        )
+        results.update({name: float(fn(logits, labels)) for name, fn in self.metrics.items()})
         return results
+
+    def _begin_phase(self, index: int, phase: Phase) -> None:
+        self.phase_index, self.phase, self.epoch = index, phase, 0
+        self.stop_phase = False
+        self._phase_ended = False
+        self._start_phase(phase)
+        self.scheduler = self._scheduler(phase)
+        self._call("on_phase_start", phase)
+
+    def _run_epoch(self, phase: Phase, epoch: int) -> None:
+        self.epoch = epoch
+        self._call("on_epoch_start", phase, epoch)
+        self._in_epoch = True
+        train_loss = self._train_epoch(phase, epoch, self.scheduler)
+        self._in_epoch = False
+        record: dict[str, Any] = {
+            "phase": phase.name,
+            "epoch": epoch,
+            "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "train_loss": train_loss,
+        }
+        if self.val_data is not None:
+            record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+        self.history.append(record)
+        logger.info("%s", _format_record(record))
+        self._call("on_epoch_end", record)
+
+        # The last epoch of a phase is saved after on_phase_end, in _end_phase.
+        ends_phase = epoch == phase.epochs or self.stop_phase or self.stop_training
+        due = epoch % self.checkpoint_every == 0
+        if self.checkpoint_dir is not None and due and not ends_phase:
+            self.save_checkpoint(self._checkpoint_path(phase, epoch))
+
+    def _end_phase(self, phase: Phase) -> None:
+        self._call("on_phase_end", phase)
+        self._phase_ended = True
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self._checkpoint_path(phase, self.epoch))
+
+    def _checkpoint_path(self, phase: Phase, epoch: int) -> Path:
+        assert self.checkpoint_dir is not None
+        return self.checkpoint_dir / f"phase{self.phase_index:02d}-{phase.name}-epoch{epoch:03d}.pt"
+
+    def _resume(self, path: str | os.PathLike[str]) -> tuple[int, int]:
+        """Load a checkpoint into the trainer; return the phase index and epoch to go on from."""
+        checkpoint = trainer_checkpoint.read(path)
+        trainer_checkpoint.check(self, checkpoint)
+        trainer_checkpoint.load_tensors(self.model, checkpoint["tensors"])
+        self._base_buffers = dict(checkpoint["base_buffers"])
+        self._trained_names = set(checkpoint["trained"])
+        self._saved_state = {}
+        self.history = History(checkpoint["history"])
+        self.history.steps = list(checkpoint["history_steps"])
+        position = checkpoint["position"]
+        self.global_step = position["global_step"]
+        index = position["phase_index"]
+
+        if position["phase_ended"]:
+            trainer_checkpoint.load_optimizer(self, checkpoint, into_optimizer=False)
+            self.phase_index, self.phase = index, self.phases[index]
+            self.epoch, self._phase_ended = position["epoch"], True
+            first = (index + 1, 1)
+        else:
+            phase = self.phases[index]
+            self.phase_index, self.phase = index, phase
+            self._phase_ended = False
+            self._start_phase(phase)
+            self.scheduler = self._scheduler(phase)
+            trainer_checkpoint.load_optimizer(self, checkpoint, into_optimizer=True)
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.epoch = position["epoch"]
+            self.stop_phase = position["stop_phase"]
+            first = (index, position["epoch"] + 1)
+        if self.scaler is not None and checkpoint["scaler"] is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        for callback, state in zip(self.callbacks, checkpoint["callbacks"]):
+            callback.load_state_dict(state)
+
+        # The RNG states come last, so nothing above draws from them.
+        trainer_checkpoint.set_rng_state(checkpoint["rng"], trainer_checkpoint.data_generators(self.train_data))
+        logger.info(
+            "resumed from %s after epoch %d of phase %s",
+            path,
+            position["epoch"],
+            self.phases[index].name,
+        )
+        return first
 
     def _start_phase(self, phase: Phase) -> None:
         # Groups are found per phase, so a head replaced after the Trainer was built is seen.
         layers = resolve_groups(self.model, self.groups)
+        before = _trainable_names(self.model)
         summary = phase.apply(self.model, groups=layers)
-        groups = param_groups(
-            self.model, phase.lr, weight_decay=phase.weight_decay, groups=layers
-        )
+        if self.precision != "fp32":
+            upcast_trainable(self.model)
+        after = _trainable_names(self.model)
+        self._trained_names |= after
+        groups = param_groups(self.model, phase.lr, weight_decay=phase.weight_decay, groups=layers)
         new = self.optimizer_class(groups, **self.optimizer_kwargs)
 
         # A parameter that trained in any earlier phase gets its optimizer state (moments,
@@ -278,6 +380,23 @@ class Trainer:
             f"{summary.num_trainable:,}",
             len(new.param_groups),
         )
+        _log_transition(phase, layers, before, after)
+        self._prepare_forward(after)
+
+    def _prepare_forward(self, trainable: set[str]) -> None:
+        if self.compile_options is None:
+            return
+        key = frozenset(trainable)
+        if key == self._compiled_for:
+            return
+        if self._compiled_for is not None:
+            # NOTE: torch.compiler.reset() clears every compiled graph of the process, not
+            # only this model's; it is the public way to drop graphs traced with the old
+            # requires_grad flags, whose backward would skip the newly trainable parameters.
+            torch.compiler.reset()
+        self._forward_model = torch.compile(self.model, **self.compile_options)  # type: ignore[assignment]
+        self._compiled_for = key
+        logger.info("compiled the model for %d trainable parameter tensors", len(key))
 
     def _scheduler(self, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler | None:
         if phase.schedule == "constant":
@@ -305,7 +424,8 @@ class Trainer:
         assert self.optimizer is not None
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        total_loss, total_count = 0.0, 0
+        metric_name, metric = next(iter(self.metrics.items()), (None, None))
+        total_loss, total_metric, total_count = 0.0, 0.0, 0
         total = len(self.train_data) if hasattr(self.train_data, "__len__") else None
         bar = tqdm(
             self.train_data,
@@ -316,25 +436,81 @@ class Trainer:
         )
         for batch in bar:
             self.optimizer.zero_grad(set_to_none=True)
-            logits, labels = self._forward(batch)
-            loss = self.loss_fn(logits, labels)
-            loss.backward()
-            if self.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(trainable, self.max_grad_norm)
-            self.optimizer.step()
+            with autocast(self.precision, self.device):
+                logits, labels = self._forward(batch)
+                loss = self.loss_fn(logits, labels)
+            self._step(loss, trainable)
             if scheduler is not None:
                 scheduler.step()
 
             count = labels.shape[0]
-            total_loss += loss.item() * count
+            batch_loss = loss.item()
+            total_loss += batch_loss * count
             total_count += count
-            bar.set_postfix(loss=f"{total_loss / total_count:.4f}")
+            self.global_step += 1
+            self._record_step(phase, batch_loss)
+            if self.progress:
+                postfix = {"loss": f"{total_loss / total_count:.4f}"}
+                if metric is not None:
+                    total_metric += float(metric(logits.detach().float(), labels)) * count
+                    postfix[str(metric_name)] = f"{total_metric / total_count:.4f}"
+                bar.set_postfix(postfix)
+            self._call("on_step_end", batch_loss)
         if total_count == 0:
             raise ValueError("train_data yielded no batches.")
         return total_loss / total_count
 
+    def _step(self, loss: torch.Tensor, trainable: list[nn.Parameter]) -> None:
+        assert self.optimizer is not None
+        if self.scaler is None:
+            loss.backward()
+            if self.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(trainable, self.max_grad_norm)
+            self.optimizer.step()
+            return
+
+        self.scaler.scale(loss).backward()
+        if self.max_grad_norm is not None:
+            # Clipping needs the true gradients, so they are unscaled first.
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(trainable, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _record_step(self, phase: Phase, loss: float) -> None:
+        assert self.optimizer is not None
+        rates: dict[str, float] = {}
+        for index, group in enumerate(self.optimizer.param_groups):
+            rates.setdefault(str(group.get("name", f"group{index}")), float(group["lr"]))
+        self.history.steps.append({"step": self.global_step, "phase": phase.name, "loss": loss, "lr": rates})
+
     def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_batch(self.model, batch, self.device)
+        return forward_batch(self._forward_model, batch, self.device)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in named_parameters_once(model) if p.requires_grad}
+
+
+def _log_transition(phase: Phase, layers: Sequence[LayerGroup], before: set[str], after: set[str]) -> None:
+    """Log which layer groups became trainable and which became frozen."""
+    unfrozen, frozen = after - before, before - after
+    if not unfrozen and not frozen:
+        return
+    became_trainable = [g.name for g in layers if any(n in unfrozen for n, _ in g.named_parameters())]
+    became_frozen = [g.name for g in layers if any(n in frozen for n, _ in g.named_parameters())]
+    logger.info(
+        "phase %s: layer groups now trainable %s, now frozen %s",
+        phase.name,
+        became_trainable,
+        became_frozen,
+    )
 
 
 def _format_record(record: Mapping[str, Any]) -> str:
