@@ -9,9 +9,7 @@ import torch
 from torch import nn
 
 
-def forward_batch(
-    model: nn.Module, batch: Any, device: torch.device | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_batch(model: nn.Module, batch: Any, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the model's logits and the labels of ``batch``, both on ``device``.
 
     A batch is an ``(inputs, labels)`` pair, or a mapping with a ``"labels"`` entry whose
@@ -20,9 +18,7 @@ def forward_batch(
     """
     if isinstance(batch, Mapping):
         if "labels" not in batch:
-            raise KeyError(
-                f"A mapping batch needs a 'labels' entry; this one has keys {sorted(batch)}."
-            )
+            raise KeyError(f"A mapping batch needs a 'labels' entry; this one has keys {sorted(batch)}.")
         labels = to_device(batch["labels"], device)
         inputs = {k: to_device(v, device) for k, v in batch.items() if k != "labels"}
         output = model(**inputs)
@@ -50,12 +46,6 @@ def logits_of(output: Any) -> torch.Tensor:
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    if (
-        isinstance(output, (tuple, list))
-        and output
-        and isinstance(output[0], torch.Tensor)
-    ):
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(
-        f"Cannot find logits in a model output of type {type(output).__name__}."
-    )
+    raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}.")

@@ -40,9 +40,7 @@ def anchor_of(param: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _pull_toward_anchors(
-    optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
-) -> None:
+def _pull_toward_anchors(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for group in optimizer.param_groups:
         strength = group.get(KEY)
         if not strength:

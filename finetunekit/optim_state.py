@@ -20,9 +20,7 @@ _FORMAT = "finetunekit.optimizer/1"
 _SCALAR_KEYS = frozenset({"step"})
 
 
-def optimizer_state_dict(
-    model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Return the optimizer's state keyed by parameter names instead of positions.
 
     ``optimizer.state_dict()`` numbers parameters by their position in the optimizer,
@@ -51,9 +49,7 @@ def optimizer_state_dict(
     state: dict[str, dict[str, Any]] = {}
     for index, group in enumerate(optimizer.param_groups):
         group_names = [_name_of(p, names, index) for p in group["params"]]
-        groups.append(
-            {**{k: v for k, v in group.items() if k != "params"}, "params": group_names}
-        )
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": group_names})
         for param, name in zip(group["params"], group_names):
             if optimizer.state.get(param):
                 state[name] = dict(optimizer.state[param])
@@ -99,11 +95,7 @@ def load_optimizer_state_dict(
         >>> load_optimizer_state_dict(model, optimizer, torch.load("optimizer.pt"))
     """
     if not isinstance(state_dict, Mapping) or state_dict.get("format") != _FORMAT:
-        found = (
-            state_dict.get("format")
-            if isinstance(state_dict, Mapping)
-            else type(state_dict).__name__
-        )
+        found = state_dict.get("format") if isinstance(state_dict, Mapping) else type(state_dict).__name__
         raise ValueError(
             f"state_dict has format {found!r}, not {_FORMAT!r}. Pass a dict made by "
             "finetunekit.optimizer_state_dict(model, optimizer); for optimizer.state_dict() "
@@ -123,10 +115,7 @@ def load_optimizer_state_dict(
             "Load it into the same architecture it was saved from."
         )
 
-    targets = [
-        [_name_of(p, names, i) for p in group["params"]]
-        for i, group in enumerate(optimizer.param_groups)
-    ]
+    targets = [[_name_of(p, names, i) for p in group["params"]] for i, group in enumerate(optimizer.param_groups)]
     held = {name for group in targets for name in group}
     orphans = sorted(set(saved_state) - held)
     if orphans and strict:
@@ -144,11 +133,7 @@ def load_optimizer_state_dict(
     for name in (n for group_names in targets for n in group_names if n in saved_state):
         _check_shapes(name, params[name], saved_state[name])
 
-    group_of = {
-        name: index
-        for index, group in enumerate(saved_groups)
-        for name in group["params"]
-    }
+    group_of = {name: index for index, group in enumerate(saved_groups) for name in group["params"]}
     positional_state: dict[int, Any] = {}
     positional_groups: list[dict[str, Any]] = []
     position = 0
@@ -166,9 +151,7 @@ def load_optimizer_state_dict(
             position += 1
         positional_groups.append({**settings, "params": indices})
 
-    optimizer.load_state_dict(
-        {"state": positional_state, "param_groups": positional_groups}
-    )
+    optimizer.load_state_dict({"state": positional_state, "param_groups": positional_groups})
     fresh = sum(1 for name in held if name not in saved_state)
     logger.info(
         "loaded optimizer state of %d parameters by name; %d start fresh",
@@ -194,11 +177,7 @@ def _name_of(param: torch.Tensor, names: Mapping[int, str], group_index: int) ->
 
 def _check_shapes(name: str, param: nn.Parameter, state: Mapping[str, Any]) -> None:
     for key, value in state.items():
-        if (
-            key in _SCALAR_KEYS
-            or not isinstance(value, torch.Tensor)
-            or value.ndim == 0
-        ):
+        if key in _SCALAR_KEYS or not isinstance(value, torch.Tensor) or value.ndim == 0:
             continue
         if value.shape != param.shape:
             raise ValueError(

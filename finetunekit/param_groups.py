@@ -161,11 +161,7 @@ def param_groups(
         # Rates span the trainable groups only, so that training the top three groups with
         # slice(1e-4, 1e-3) gives 1e-4 to the lowest of them, whatever sits frozen below.
         first = next(
-            (
-                i
-                for i, g in enumerate(groups)
-                if any(p.requires_grad for p in g.parameters())
-            ),
+            (i for i, g in enumerate(groups) if any(p.requires_grad for p in g.parameters())),
             len(groups),
         )
     spanned = groups[first:]
@@ -181,9 +177,7 @@ def param_groups(
         factors = _match_names(lr_scale, names, "lr_scale", require_all=False)
         rates = [rate * factors.get(name, 1.0) for rate, name in zip(rates, names)]
 
-    no_decay_ids = {
-        id(p) for _, p in _no_decay_parameters(model, rule, no_decay_embeddings)
-    }
+    no_decay_ids = {id(p) for _, p in _no_decay_parameters(model, rule, no_decay_embeddings)}
     entries: list[ParamGroup] = []
     for group, rate in zip(spanned, rates):
         chosen = [p for p in group.parameters() if include_frozen or p.requires_grad]
@@ -211,20 +205,14 @@ def param_groups(
     return result
 
 
-def _rates(
-    lr: float | slice | Mapping[str, float], names: list[str], layer_decay: float | None
-) -> list[float]:
+def _rates(lr: float | slice | Mapping[str, float], names: list[str], layer_decay: float | None) -> list[float]:
     if layer_decay is not None:
         if isinstance(lr, (slice, Mapping)):
             raise ValueError(
                 f"layer_decay={layer_decay!r} needs a float lr, the head's rate; got lr={lr!r}. "
                 "Pass one of layer_decay, a slice or a mapping."
             )
-        if (
-            isinstance(layer_decay, bool)
-            or not isinstance(layer_decay, (int, float))
-            or not 0 < layer_decay <= 1
-        ):
+        if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
             raise ValueError(
                 f"layer_decay={layer_decay!r} must be in (0, 1]: each group trains at the rate "
                 "of the group above times layer_decay, so the head trains fastest."
@@ -237,16 +225,12 @@ def _rates(
     return layer_lrs(lr, len(names))
 
 
-def _match_names(
-    mapping: Mapping[str, float], names: list[str], what: str, *, require_all: bool
-) -> dict[str, float]:
+def _match_names(mapping: Mapping[str, float], names: list[str], what: str, *, require_all: bool) -> dict[str, float]:
     """Resolve a mapping from names or glob patterns to positive values, per layer-group name."""
     values = {}
     for key, value in mapping.items():
         if not isinstance(key, str):
-            raise TypeError(
-                f"{what} keys must be layer-group names or glob patterns; got {key!r}."
-            )
+            raise TypeError(f"{what} keys must be layer-group names or glob patterns; got {key!r}.")
         values[key] = _positive(value, f"{what}[{key!r}]")
     result: dict[str, float] = {}
     used: set[str] = set()
@@ -259,11 +243,7 @@ def _match_names(
         if key is not None:
             result[name] = values[key]
             used.add(key)
-    unused = [
-        k
-        for k in values
-        if k not in used and not any(fnmatch.fnmatchcase(n, k) for n in names)
-    ]
+    unused = [k for k in values if k not in used and not any(fnmatch.fnmatchcase(n, k) for n in names)]
     if unused:
         raise NoMatchingTargetError(
             f"{what} key {unused[0]!r} matches no layer group.{format_suggestions(close_matches(unused[0], names))} "
@@ -288,9 +268,7 @@ def _merged(entries: list[ParamGroup]) -> list[ParamGroup]:
         if current is not None and _settings(current) == _settings(entry):
             current["params"] = current["params"] + entry["params"]
             current["layer_groups"] = current["layer_groups"] + entry["layer_groups"]
-            current["name"] = (
-                f"{current['layer_groups'][0]}..{current['layer_groups'][-1]}"
-            )
+            current["name"] = f"{current['layer_groups'][0]}..{current['layer_groups'][-1]}"
         else:
             entry = dict(entry)
             open_by_kind[entry["no_decay"]] = entry
@@ -299,9 +277,7 @@ def _merged(entries: list[ParamGroup]) -> list[ParamGroup]:
 
 
 def _settings(entry: ParamGroup) -> dict[str, Any]:
-    return {
-        k: v for k, v in entry.items() if k not in ("params", "name", "layer_groups")
-    }
+    return {k: v for k, v in entry.items() if k not in ("params", "name", "layer_groups")}
 
 
 def _anchor_source(
@@ -313,16 +289,12 @@ def _anchor_source(
         if decay_toward == "zero":
             return None
         if decay_toward != "pretrained":
-            raise ValueError(
-                f"decay_toward={decay_toward!r} is not 'zero', 'pretrained' or a mapping of tensors."
-            )
+            raise ValueError(f"decay_toward={decay_toward!r} is not 'zero', 'pretrained' or a mapping of tensors.")
         source: Mapping[str, torch.Tensor] = dict(model.named_parameters())
     elif isinstance(decay_toward, Mapping):
         source = decay_toward
     else:
-        raise TypeError(
-            f"decay_toward must be 'zero', 'pretrained' or a mapping of tensors; got {decay_toward!r}."
-        )
+        raise TypeError(f"decay_toward must be 'zero', 'pretrained' or a mapping of tensors; got {decay_toward!r}.")
     if not weight_decay:
         raise ValueError(
             f"decay_toward={'a mapping' if isinstance(decay_toward, Mapping) else repr(decay_toward)} needs a "
@@ -331,9 +303,7 @@ def _anchor_source(
     return source
 
 
-def _record_anchors(
-    model: nn.Module, result: list[ParamGroup], source: Mapping[str, torch.Tensor]
-) -> None:
+def _record_anchors(model: nn.Module, result: list[ParamGroup], source: Mapping[str, torch.Tensor]) -> None:
     names = {id(p): name for name, p in model.named_parameters()}
     pulled = [p for entry in result if entry.get(_l2sp.KEY) for p in entry["params"]]
     missing = [names[id(p)] for p in pulled if names[id(p)] not in source]
@@ -351,9 +321,7 @@ def _record_anchors(
             )
     for param in pulled:
         _l2sp.set_anchor(param, source[names[id(param)]])
-    logger.info(
-        "recorded pretrained values of %d parameters for decay toward them", len(pulled)
-    )
+    logger.info("recorded pretrained values of %d parameters for decay toward them", len(pulled))
 
 
 def layer_lrs(lr: float | slice, num_groups: int) -> list[float]:
@@ -383,8 +351,7 @@ def layer_lrs(lr: float | slice, num_groups: int) -> list[float]:
         low = _positive(lr.start, "the slice's start")
         if low > high:
             raise ValueError(
-                f"lr={lr!r} falls toward the head; pass slice(lo, hi) with lo <= hi, "
-                "so the head gets the largest rate."
+                f"lr={lr!r} falls toward the head; pass slice(lo, hi) with lo <= hi, so the head gets the largest rate."
             )
         if num_groups == 1:
             return [high]
@@ -426,39 +393,22 @@ def _no_decay_parameters(
     found = []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if rule(module, name, param) or (
-                embeddings and _is_embedding(module, name)
-            ):
+            if rule(module, name, param) or (embeddings and _is_embedding(module, name)):
                 found.append((name, param))
     return found
 
 
 def _is_embedding(module: nn.Module, param_name: str) -> bool:
-    return (
-        isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-        or param_name in _EMBEDDING_PARAM_NAMES
-    )
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or param_name in _EMBEDDING_PARAM_NAMES
 
 
 def _positive(value: object, what: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"Learning rate {what}={value!r} must be a positive finite number."
-        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Learning rate {what}={value!r} must be a positive finite number.")
     return float(value)
 
 
 def _non_negative(value: object, what: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{what}={value!r} must be a non-negative finite number.")
     return float(value)

@@ -53,16 +53,10 @@ def warmup_schedule(
     total = _steps(total_steps, "total_steps", minimum=1)
     warmup = _steps(warmup_steps, "warmup_steps", minimum=0)
     if warmup > total:
-        raise ValueError(
-            f"warmup_steps={warmup_steps} is more than total_steps={total_steps}."
-        )
+        raise ValueError(f"warmup_steps={warmup_steps} is more than total_steps={total_steps}.")
     if decay not in ("cosine", "linear", "constant"):
         raise ValueError(f"decay={decay!r} is not 'cosine', 'linear' or 'constant'.")
-    if (
-        isinstance(final_ratio, bool)
-        or not isinstance(final_ratio, (int, float))
-        or not 0 <= final_ratio <= 1
-    ):
+    if isinstance(final_ratio, bool) or not isinstance(final_ratio, (int, float)) or not 0 <= final_ratio <= 1:
         raise ValueError(f"final_ratio={final_ratio!r} must be between 0 and 1.")
 
     def factor(step: int) -> float:
@@ -71,11 +65,7 @@ def warmup_schedule(
         if decay == "constant" or total == warmup:
             return 1.0
         progress = min(1.0, (step - warmup) / (total - warmup))
-        shape = (
-            0.5 * (1.0 + math.cos(math.pi * progress))
-            if decay == "cosine"
-            else 1.0 - progress
-        )
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
         return final_ratio + (1.0 - final_ratio) * shape
 
     return LambdaLR(optimizer, factor)
@@ -155,18 +145,9 @@ def slanted_triangular(
         >>> scheduler = slanted_triangular(optimizer, total_steps=len(loader) * epochs)
     """
     total = _steps(total_steps, "total_steps", minimum=1)
-    if (
-        isinstance(cut_frac, bool)
-        or not isinstance(cut_frac, (int, float))
-        or not 0 < cut_frac < 1
-    ):
+    if isinstance(cut_frac, bool) or not isinstance(cut_frac, (int, float)) or not 0 < cut_frac < 1:
         raise ValueError(f"cut_frac={cut_frac!r} must be strictly between 0 and 1.")
-    if (
-        isinstance(ratio, bool)
-        or not isinstance(ratio, (int, float))
-        or not math.isfinite(ratio)
-        or ratio < 1
-    ):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
         raise ValueError(f"ratio={ratio!r} must be a finite number of at least 1.")
     cut = max(1, math.floor(total * cut_frac))
 
