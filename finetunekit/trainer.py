@@ -74,8 +74,8 @@ class Trainer:
             ``"bf16"`` and ``"fp16"`` each phase casts its trainable float16 and bfloat16
             parameters to float32, so the optimizer updates float32 weights.
         compile: Run the forward pass through ``torch.compile``; a dict is passed to it as
-            keyword arguments. The compiled model is rebuilt at each phase whose
-            trainable set differs from the previous one.
+            keyword arguments. A phase that changes the trainable set runs a newly
+            traced graph, never the previous phase's.
 
     Raises:
         ValueError: If ``phases`` is empty, or ``precision`` or ``checkpoint_every`` is invalid.
@@ -386,17 +386,15 @@ class Trainer:
     def _prepare_forward(self, trainable: set[str]) -> None:
         if self.compile_options is None:
             return
-        key = frozenset(trainable)
-        if key == self._compiled_for:
-            return
-        if self._compiled_for is not None:
-            # NOTE: torch.compiler.reset() clears every compiled graph of the process, not
-            # only this model's; it is the public way to drop graphs traced with the old
-            # requires_grad flags, whose backward would skip the newly trainable parameters.
-            torch.compiler.reset()
-        self._forward_model = torch.compile(self.model, **self.compile_options)  # type: ignore[assignment]
-        self._compiled_for = key
-        logger.info("compiled the model for %d trainable parameter tensors", len(key))
+        if self._compiled_for is None:
+            self._forward_model = torch.compile(self.model, **self.compile_options)  # type: ignore[assignment]
+            logger.info("compiled the model with torch.compile(%s)", self.compile_options)
+        elif frozenset(trainable) != self._compiled_for:
+            # NOTE: Dynamo guards on each parameter's requires_grad, so the first forward pass
+            # of this phase traces a new graph whose backward reaches the newly trainable
+            # parameters; test_compile_retraces_after_unfreeze checks this on torch 2.14.
+            logger.info("the trainable set changed, so torch.compile traces the model again")
+        self._compiled_for = frozenset(trainable)
 
     def _scheduler(self, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler | None:
         if phase.schedule == "constant":
