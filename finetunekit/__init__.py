@@ -19,6 +19,7 @@ from .errors import (
 from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
 from .heads import TokenPooler, find_head, replace_head
+from .lr_finder import LRFinderResult, lr_find
 from .optim_state import load_optimizer_state_dict, optimizer_state_dict
 from .param_groups import NoDecayRule, ParamGroup, is_no_decay, layer_lrs, param_groups
 from .policies import (
@@ -47,6 +48,7 @@ __all__ = [
     "FullFineTuning",
     "GradualUnfreezing",
     "HeadNotFoundError",
+    "LRFinderResult",
     "LayerGroup",
     "LinearProbeThenFinetune",
     "NoDecayRule",
@@ -74,6 +76,7 @@ __all__ = [
     "layer_lrs",
     "load_optimizer_state_dict",
     "load_pretrained",
+    "lr_find",
     "one_cycle",
     "optimizer_state_dict",
     "param_groups",

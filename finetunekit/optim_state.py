@@ -39,7 +39,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
         parameters).
 
     Raises:
-        ValueError: If the optimizer holds a tensor that is not a parameter of ``model``.
+        ValueError: If the optimizer contains a tensor that is not a parameter of ``model``.
 
     Example:
         >>> torch.save(optimizer_state_dict(model, optimizer), "optimizer.pt")
@@ -87,7 +87,7 @@ def load_optimizer_state_dict(
         ValueError: If ``state_dict`` is not in this format, names a parameter that
             ``model`` lacks, holds a state tensor whose shape differs from its
             parameter's, or, with ``strict``, holds state for a parameter missing from
-            ``optimizer``; or if ``optimizer`` holds a tensor that is not a parameter of
+            ``optimizer``; or if ``optimizer`` contains a tensor that is not a parameter of
             ``model``.
 
     Example:
@@ -116,8 +116,8 @@ def load_optimizer_state_dict(
         )
 
     targets = [[_name_of(p, names, i) for p in group["params"]] for i, group in enumerate(optimizer.param_groups)]
-    held = {name for group in targets for name in group}
-    orphans = sorted(set(saved_state) - held)
+    optimized = {name for group in targets for name in group}
+    orphans = sorted(set(saved_state) - optimized)
     if orphans and strict:
         raise ValueError(
             f"Saved optimizer state of {len(orphans)} parameters has no place in the optimizer, "
@@ -152,10 +152,10 @@ def load_optimizer_state_dict(
         positional_groups.append({**settings, "params": indices})
 
     optimizer.load_state_dict({"state": positional_state, "param_groups": positional_groups})
-    fresh = sum(1 for name in held if name not in saved_state)
+    fresh = sum(1 for name in optimized if name not in saved_state)
     logger.info(
         "loaded optimizer state of %d parameters by name; %d start fresh",
-        len(held) - fresh,
+        len(optimized) - fresh,
         fresh,
     )
 
@@ -168,7 +168,7 @@ def _name_of(param: torch.Tensor, names: Mapping[int, str], group_index: int) ->
     name = names.get(id(param))
     if name is None:
         raise ValueError(
-            f"Param group {group_index} of the optimizer holds a tensor of shape {tuple(param.shape)} "
+            f"Param group {group_index} of the optimizer contains a tensor of shape {tuple(param.shape)} "
             "that is not a parameter of the model. Build the optimizer over model.parameters() "
             "or finetunekit.param_groups(model, ...)."
         )

@@ -92,9 +92,9 @@ def param_groups(
             ``slice(lo, hi)`` spreads rates geometrically from ``lo`` at the lowest group
             to ``hi`` at the head; ``slice(hi)`` follows fastai: ``hi / 10`` for every group
             but the head. A mapping from layer-group names or glob patterns to rates sets
-            each group's rate: an exact name wins over patterns, then the first matching
-            pattern in the mapping's order; every group needs a rate, so ``"*"`` serves as
-            the default.
+            each group's rate. An exact name wins over patterns, then the first matching
+            pattern in the mapping's order. Every group needs a rate, so add ``"*"`` as a
+            default.
         weight_decay: Weight decay of the decayed parameters. ``None`` leaves the key out,
             so the optimizer's own default applies (0.01 for ``AdamW``).
         layer_decay: Layer-wise decay of a float ``lr``: the head trains at ``lr`` and each
@@ -225,13 +225,15 @@ def _rates(lr: float | slice | Mapping[str, float], names: list[str], layer_deca
     return layer_lrs(lr, len(names))
 
 
-def _match_names(mapping: Mapping[str, float], names: list[str], what: str, *, require_all: bool) -> dict[str, float]:
+def _match_names(
+    mapping: Mapping[str, float], names: list[str], argument: str, *, require_all: bool
+) -> dict[str, float]:
     """Resolve a mapping from names or glob patterns to positive values, per layer-group name."""
     values = {}
     for key, value in mapping.items():
         if not isinstance(key, str):
-            raise TypeError(f"{what} keys must be layer-group names or glob patterns; got {key!r}.")
-        values[key] = _positive(value, f"{what}[{key!r}]")
+            raise TypeError(f"{argument} keys must be layer-group names or glob patterns; got {key!r}.")
+        values[key] = _positive(value, f"{argument}[{key!r}]")
     result: dict[str, float] = {}
     used: set[str] = set()
     for name in names:
@@ -246,7 +248,7 @@ def _match_names(mapping: Mapping[str, float], names: list[str], what: str, *, r
     unused = [k for k in values if k not in used and not any(fnmatch.fnmatchcase(n, k) for n in names)]
     if unused:
         raise NoMatchingTargetError(
-            f"{what} key {unused[0]!r} matches no layer group.{format_suggestions(close_matches(unused[0], names))} "
+            f"{argument} key {unused[0]!r} matches no layer group.{format_suggestions(close_matches(unused[0], names))} "
             f"The layer groups are: {', '.join(names)}."
         )
     missing = [name for name in names if name not in result]
@@ -402,13 +404,13 @@ def _is_embedding(module: nn.Module, param_name: str) -> bool:
     return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or param_name in _EMBEDDING_PARAM_NAMES
 
 
-def _positive(value: object, what: str) -> float:
+def _positive(value: object, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Learning rate {what}={value!r} must be a positive finite number.")
+        raise ValueError(f"Learning rate {argument}={value!r} must be a positive finite number.")
     return float(value)
 
 
-def _non_negative(value: object, what: str) -> float:
+def _non_negative(value: object, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what}={value!r} must be a non-negative finite number.")
+        raise ValueError(f"{argument}={value!r} must be a non-negative finite number.")
     return float(value)

@@ -162,8 +162,8 @@ def slanted_triangular(
     return LambdaLR(optimizer, factor)
 
 
-def _steps(value: object, what: str, *, minimum: int) -> int:
+def _steps(value: object, argument: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else "a non-negative integer"
-        raise ValueError(f"{what}={value!r} must be {kind}.")
+        raise ValueError(f"{argument}={value!r} must be {kind}.")
     return value
