@@ -20,7 +20,7 @@ from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
 from .heads import TokenPooler, find_head, replace_head
 from .lr_finder import LRFinderResult, lr_find
-from .optim_state import load_optimizer_state_dict, optimizer_state_dict
+from .optim_state import OptimizerCheck, check_optimizer, load_optimizer_state_dict, optimizer_state_dict
 from .param_groups import NoDecayRule, ParamGroup, is_no_decay, layer_lrs, param_groups
 from .policies import (
     BitFit,
@@ -54,6 +54,7 @@ __all__ = [
     "NoDecayRule",
     "NoMatchingTargetError",
     "NoParametersError",
+    "OptimizerCheck",
     "ParamGroup",
     "PartialFineTuning",
     "Phase",
@@ -66,6 +67,7 @@ __all__ = [
     "TokenPooler",
     "Trainer",
     "accuracy",
+    "check_optimizer",
     "describe",
     "find_head",
     "freeze",

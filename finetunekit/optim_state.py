@@ -1,9 +1,10 @@
-"""Save and load optimizer state keyed by parameter names, so resuming survives a new frozen set."""
+"""Check an optimizer against its model, and save and load its state keyed by parameter names."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,13 +12,106 @@ from torch import nn
 
 from ._utils import close_matches, format_suggestions, named_parameters_once
 
-__all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
+__all__ = ["OptimizerCheck", "check_optimizer", "load_optimizer_state_dict", "optimizer_state_dict"]
 
 logger = logging.getLogger(__name__)
 
 _FORMAT = "finetunekit.optimizer/1"
 # State entries that are counters rather than per-element tensors, so their shape is not checked.
 _SCALAR_KEYS = frozenset({"step"})
+
+
+@dataclass(frozen=True)
+class OptimizerCheck:
+    """What :func:`check_optimizer` found wrong between a model and its optimizer.
+
+    Attributes:
+        missing: Names of trainable parameters that are in no param group, so they never change.
+        duplicated: Names of parameters that are in more than one param group, so each
+            step updates them more than once.
+        frozen_with_state: Names of frozen parameters that still have optimizer state
+            (such as Adam's moments), which they resume with if unfrozen.
+        num_foreign_tensors: Number of tensors in the optimizer that are not parameters
+            of the model, such as the old head after ``replace_head``.
+    """
+
+    missing: tuple[str, ...] = ()
+    duplicated: tuple[str, ...] = ()
+    frozen_with_state: tuple[str, ...] = ()
+    num_foreign_tensors: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether no problem was found."""
+        return not (self.missing or self.duplicated or self.frozen_with_state or self.num_foreign_tensors)
+
+    @property
+    def problems(self) -> list[str]:
+        """The problems found, one sentence each with the fix."""
+        found = []
+        if self.missing:
+            found.append(
+                f"{len(self.missing)} trainable parameters are in no param group, so they will not train: "
+                f"{_first_names(self.missing)}. Build the optimizer after the last freeze or unfreeze, pass "
+                "optimizer= to finetunekit.unfreeze, or use param_groups(..., include_frozen=True)."
+            )
+        if self.duplicated:
+            found.append(
+                f"{len(self.duplicated)} parameters are in more than one param group, so each step updates "
+                f"them more than once: {_first_names(self.duplicated)}. Build the groups with "
+                "finetunekit.param_groups, which puts each parameter in exactly one."
+            )
+        if self.frozen_with_state:
+            found.append(
+                f"{len(self.frozen_with_state)} frozen parameters still have optimizer state: "
+                f"{_first_names(self.frozen_with_state)}. They resume with it if unfrozen; pass "
+                "keep_state=False to finetunekit.unfreeze to start them fresh."
+            )
+        if self.num_foreign_tensors:
+            found.append(
+                f"The optimizer contains {self.num_foreign_tensors} tensors that are not parameters of the "
+                "model, for example an old head after replace_head. Build the optimizer again from the model."
+            )
+        return found
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerCheck:
+    """Compare an optimizer with its model and report every parameter it mishandles.
+
+    Parameters are matched by identity. Neither the model nor the optimizer is modified.
+
+    Args:
+        model: The model the optimizer trains.
+        optimizer: Any ``torch.optim`` optimizer.
+
+    Returns:
+        The names of trainable parameters missing from the optimizer, of parameters in
+        more than one param group and of frozen parameters with optimizer state, and the
+        number of tensors that are not parameters of the model.
+
+    Example:
+        >>> optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
+        >>> _ = unfreeze(model)  # without optimizer=, the new parameters are left out
+        >>> check_optimizer(model, optimizer).problems[0]
+        '11 trainable parameters are in no param group, so they will not train: ...'
+    """
+    named = list(named_parameters_once(model))
+    count: dict[int, int] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            count[id(param)] = count.get(id(param), 0) + 1
+    state = getattr(optimizer, "state", {})
+    return OptimizerCheck(
+        missing=tuple(name for name, p in named if p.requires_grad and id(p) not in count),
+        duplicated=tuple(name for name, p in named if count.get(id(p), 0) > 1),
+        frozen_with_state=tuple(name for name, p in named if not p.requires_grad and state.get(p)),
+        num_foreign_tensors=len(count.keys() - {id(p) for _, p in named}),
+    )
+
+
+def _first_names(names: tuple[str, ...], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} +{len(names) - limit} more"
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

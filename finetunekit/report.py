@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from ._norms import FROZEN_STATS
 from ._utils import named_parameters_once
 from .groups import LayerGroup, resolve_groups
+from .optim_state import check_optimizer
 
 __all__ = ["GroupRow", "Report", "describe"]
 
@@ -76,6 +77,8 @@ class Report:
         frozen_in_optimizer: Names of frozen parameters that are in the optimizer.
         num_foreign_tensors: Number of tensors in the optimizer that are not
             parameters of the model, such as the old head after ``replace_head``.
+        duplicated_in_optimizer: Names of parameters in more than one param group.
+        frozen_with_state: Names of frozen parameters that still have optimizer state.
     """
 
     model_name: str
@@ -84,6 +87,8 @@ class Report:
     missing_from_optimizer: tuple[str, ...] = ()
     frozen_in_optimizer: tuple[str, ...] = ()
     num_foreign_tensors: int = 0
+    duplicated_in_optimizer: tuple[str, ...] = ()
+    frozen_with_state: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -117,6 +122,17 @@ class Report:
                 f"{_shorten(self.frozen_in_optimizer, _MAX_WARNING_NAMES)}. They stay fixed while frozen "
                 "because their .grad is None, and train at the optimizer's rates once unfrozen."
             )
+        if self.duplicated_in_optimizer:
+            found.append(
+                f"{len(self.duplicated_in_optimizer)} parameters are in more than one param group, so each "
+                f"step updates them more than once: {_shorten(self.duplicated_in_optimizer, _MAX_WARNING_NAMES)}. "
+                "Build the groups with finetunekit.param_groups, which puts each parameter in exactly one."
+            )
+        if self.frozen_with_state:
+            found.append(
+                f"{len(self.frozen_with_state)} frozen parameters still have optimizer state: "
+                f"{_shorten(self.frozen_with_state, _MAX_WARNING_NAMES)}. They resume with it if unfrozen."
+            )
         if self.num_foreign_tensors:
             found.append(
                 f"The optimizer contains {self.num_foreign_tensors} tensors that are not parameters of "
@@ -133,8 +149,10 @@ class Report:
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
 
         lines = [
-            f"{self.model_name}: {len(self.rows)} layer groups, {self.num_params:,} parameters, "
-            f"{self.num_trainable:,} trainable"
+            (
+                f"{self.model_name}: {len(self.rows)} layer groups, {self.num_params:,} parameters, "
+                f"{self.num_trainable:,} trainable"
+            )
         ]
         for line in table:
             lines.append(_align(line, widths, header))
@@ -246,6 +264,7 @@ def describe(
         report = Report(type(model).__name__, rows)
     else:
         missing, frozen, foreign = _optimizer_coverage(model, settings)
+        check = check_optimizer(model, optimizer)
         report = Report(
             type(model).__name__,
             rows,
@@ -253,6 +272,8 @@ def describe(
             missing_from_optimizer=missing,
             frozen_in_optimizer=frozen,
             num_foreign_tensors=foreign,
+            duplicated_in_optimizer=check.duplicated,
+            frozen_with_state=check.frozen_with_state,
         )
 
     logger.info(

@@ -54,11 +54,7 @@ def test_resume_into_different_frozen_set_restores_each_parameters_moments():
         assert torch.equal(loaded["exp_avg_sq"], state["exp_avg_sq"]), name
         assert float(loaded["step"]) == 5.0
     # Parameters that were frozen when the state was saved start fresh.
-    assert all(
-        not new_optimizer.state[p]
-        for n, p in params.items()
-        if n.startswith("layer3.1.")
-    )
+    assert all(not new_optimizer.state[p] for n, p in params.items() if n.startswith("layer3.1."))
 
 
 def test_positional_load_would_mismatch_but_named_load_does_not():
@@ -92,12 +88,8 @@ def test_group_settings_are_restored_when_groups_match():
     again = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-5, 1e-3)))
     load_optimizer_state_dict(model, again, saved)
 
-    assert [g["lr"] for g in again.param_groups] == [
-        g["lr"] for g in optimizer.param_groups
-    ]
-    assert [g["initial_lr"] for g in again.param_groups] == [
-        g["initial_lr"] for g in optimizer.param_groups
-    ]
+    assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert [g["initial_lr"] for g in again.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
 
 
 def test_strict_refuses_state_for_parameters_now_frozen():
@@ -109,9 +101,7 @@ def test_strict_refuses_state_for_parameters_now_frozen():
     ftk.freeze_to(model, -1)
     narrower = torch.optim.SGD(ftk.param_groups(model, lr=0.1), momentum=0.9)
 
-    with pytest.raises(
-        ValueError, match=r"no place in the optimizer.*'layer4\.1\..*strict=False"
-    ):
+    with pytest.raises(ValueError, match=r"no place in the optimizer.*'layer4\.1\..*strict=False"):
         load_optimizer_state_dict(model, narrower, saved)
     assert not narrower.state
 
@@ -151,7 +141,46 @@ def test_foreign_tensor_in_optimizer_is_named():
     model = torchvision.models.resnet18(weights=None)
     stray = torch.nn.Parameter(torch.zeros(3, 4))
     optimizer = torch.optim.Adam([*model.parameters(), stray])
-    with pytest.raises(
-        ValueError, match=r"shape \(3, 4\) that is not a parameter of the model"
-    ):
+    with pytest.raises(ValueError, match=r"shape \(3, 4\) that is not a parameter of the model"):
         optimizer_state_dict(model, optimizer)
+
+
+def test_check_optimizer_finds_missing_duplicated_and_stale_state():
+    model = torchvision.models.resnet18(weights=None)
+    ftk.freeze_to(model, -2)
+    optimizer = torch.optim.Adam(ftk.param_groups(model, lr=1e-3))
+    train_steps(model, optimizer, 1)
+    assert ftk.check_optimizer(model, optimizer).ok
+
+    ftk.freeze_to(model, -1)  # layer4.1 keeps its Adam moments while frozen
+    ftk.unfreeze(model, "layer3.1")  # trainable, but not in the optimizer
+    optimizer.param_groups[-1]["params"].append(model.fc.weight)  # fc.weight now in two groups
+
+    check = ftk.check_optimizer(model, optimizer)
+
+    assert not check.ok
+    assert check.missing == tuple(n for n, _ in model.named_parameters() if n.startswith("layer3.1."))
+    assert check.duplicated == ("fc.weight",)
+    assert check.frozen_with_state == tuple(n for n, _ in model.named_parameters() if n.startswith("layer4.1."))
+    assert check.num_foreign_tensors == 0
+    problems = check.problems
+    assert len(problems) == 3
+    assert problems[0].startswith("6 trainable parameters are in no param group")
+    assert "fc.weight. Build the groups with finetunekit.param_groups" in problems[1]
+    assert "keep_state=False" in problems[2]
+
+
+def test_describe_shows_rates_and_the_check(resnet):
+    ftk.freeze_to(resnet, -2)
+    optimizer = torch.optim.AdamW(ftk.param_groups(resnet, lr=slice(1e-4, 1e-3), weight_decay=0.05))
+    train_steps(resnet, optimizer, 1)
+    ftk.freeze_to(resnet, -1)
+
+    report = ftk.describe(resnet, optimizer)
+
+    rows = {row.name: row for row in report.rows}
+    assert rows["layer4.1"].lrs == (1e-4,)
+    assert rows["fc"].lrs == (1e-3,)
+    assert rows["fc"].weight_decays == (0.05, 0.0)
+    assert report.frozen_with_state == tuple(n for n, _ in resnet.named_parameters() if n.startswith("layer4.1."))
+    assert any("still have optimizer state" in w for w in report.warnings)
