@@ -48,7 +48,7 @@ def test_bf16_keeps_fp32_master_weights():
 
 
 def test_bf16_master_weights_take_small_updates():
-    # An update of 1e-4 on a weight near 1 is below bfloat16's resolution (2**-8), so only
+    # An update of 1e-4 on a weight of 1 is under half of bfloat16's spacing there (2**-7), so only
     # a float32 master weight records it.
     model = mlp().to(torch.bfloat16)
     with torch.no_grad():
