@@ -8,6 +8,7 @@ Example:
     >>> optimizer = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-5, 1e-3)))
 """
 
+from .callbacks import Callback, EarlyStopping
 from .checkpoint import load_pretrained
 from .errors import (
     FinetuneKitError,
@@ -19,6 +20,7 @@ from .errors import (
 from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
 from .heads import TokenPooler, find_head, replace_head
+from .history import History
 from .lr_finder import LRFinderResult, lr_find
 from .optim_state import OptimizerCheck, check_optimizer, load_optimizer_state_dict, optimizer_state_dict
 from .param_groups import NoDecayRule, ParamGroup, is_no_decay, layer_lrs, param_groups
@@ -36,11 +38,15 @@ from .policies import (
 from .report import Report, describe
 from .schedules import one_cycle, slanted_triangular, warmup_schedule
 from .trainer import Phase, Trainer, accuracy
+from .trainer_checkpoint import CheckpointMismatchError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitFit",
+    "Callback",
+    "CheckpointMismatchError",
+    "EarlyStopping",
     "FeatureExtraction",
     "FinetuneKitError",
     "FinetuneKitWarning",
@@ -48,6 +54,7 @@ __all__ = [
     "FullFineTuning",
     "GradualUnfreezing",
     "HeadNotFoundError",
+    "History",
     "LRFinderResult",
     "LayerGroup",
     "LinearProbeThenFinetune",
