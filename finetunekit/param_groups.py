@@ -66,6 +66,7 @@ def param_groups(
     decay_toward: Literal["zero", "pretrained"] | Mapping[str, torch.Tensor] = "zero",
     include_frozen: bool = False,
     merge: bool = True,
+    lora_plus_ratio: float | None = None,
     groups: Sequence[LayerGroup] | None = None,
 ) -> list[ParamGroup]:
     """Build optimizer parameter groups with a learning rate per layer group.
@@ -124,6 +125,10 @@ def param_groups(
             with trainable parameters up to the head.
         merge: Whether adjacent layer groups with identical settings share one dict.
             ``False`` gives one dict per layer group and weight-decay setting.
+        lora_plus_ratio: LoRA+: train the B matrices (up projections) of LoRA adapters,
+            added with :func:`finetunekit.add_lora`, at this multiple of their layer
+            group's rate, in dicts of their own marked ``lora_plus=True``. The A matrices
+            keep the group's rate. ``None`` treats adapters like any other parameter.
         groups: Layer groups to use instead of ``layer_groups(model)``; the last one is
             taken as the head.
 
@@ -178,25 +183,28 @@ def param_groups(
         rates = [rate * factors.get(name, 1.0) for rate, name in zip(rates, names)]
 
     no_decay_ids = {id(p) for _, p in _no_decay_parameters(model, rule, no_decay_embeddings)}
+    lora_b_ids = _lora_b_parameters(model, lora_plus_ratio)
     entries: list[ParamGroup] = []
     for group, rate in zip(spanned, rates):
         chosen = [p for p in group.parameters() if include_frozen or p.requires_grad]
         is_head = group is groups[-1]
         for flag in (False, True):
             params = [p for p in chosen if (id(p) in no_decay_ids) == flag]
-            if not params:
-                continue
-            entry: ParamGroup = {"params": params, "lr": rate, "initial_lr": rate}
-            if flag:
-                entry["weight_decay"] = 0.0
-            elif anchors is not None and not is_head:
-                # The optimizer's own decay would pull toward zero; the step hook pulls toward p0.
-                entry["weight_decay"] = 0.0
-                entry[_l2sp.KEY] = weight_decay
-            elif weight_decay is not None:
-                entry["weight_decay"] = weight_decay
-            entry.update(name=group.name, layer_groups=[group.name], no_decay=flag)
-            entries.append(entry)
+            for is_lora_b, subset in _split_lora_b(params, lora_b_ids):
+                entry: ParamGroup = {"params": subset, "lr": rate, "initial_lr": rate}
+                if is_lora_b:
+                    entry["lr"] = entry["initial_lr"] = rate * lora_plus_ratio  # type: ignore[operator]
+                    entry["lora_plus"] = True
+                if flag:
+                    entry["weight_decay"] = 0.0
+                elif anchors is not None and not is_head:
+                    # The optimizer's own decay would pull toward zero; the step hook pulls toward p0.
+                    entry["weight_decay"] = 0.0
+                    entry[_l2sp.KEY] = weight_decay
+                elif weight_decay is not None:
+                    entry["weight_decay"] = weight_decay
+                entry.update(name=group.name, layer_groups=[group.name], no_decay=flag)
+                entries.append(entry)
 
     result = _merged(entries) if merge else entries
     if anchors is not None:
@@ -264,18 +272,42 @@ def _match_names(
 def _merged(entries: list[ParamGroup]) -> list[ParamGroup]:
     """Join each dict to the open dict of the same decay kind when all their settings agree."""
     result: list[ParamGroup] = []
-    open_by_kind: dict[bool, ParamGroup] = {}
+    open_by_kind: dict[tuple[bool, bool], ParamGroup] = {}
     for entry in entries:
-        current = open_by_kind.get(entry["no_decay"])
+        kind = (entry["no_decay"], entry.get("lora_plus", False))
+        current = open_by_kind.get(kind)
         if current is not None and _settings(current) == _settings(entry):
             current["params"] = current["params"] + entry["params"]
             current["layer_groups"] = current["layer_groups"] + entry["layer_groups"]
             current["name"] = f"{current['layer_groups'][0]}..{current['layer_groups'][-1]}"
         else:
             entry = dict(entry)
-            open_by_kind[entry["no_decay"]] = entry
+            open_by_kind[kind] = entry
             result.append(entry)
     return result
+
+
+def _lora_b_parameters(model: nn.Module, ratio: float | None) -> set[int]:
+    """Return the ids of LoRA's up-projection (B) parameters when LoRA+ is on, else an empty set."""
+    if ratio is None:
+        return set()
+    _positive(ratio, "lora_plus_ratio")
+    from .lora import _lora_role
+
+    found = {id(p) for name, p in model.named_parameters() if _lora_role(name) == "B"}
+    if not found:
+        raise NoMatchingTargetError(
+            f"lora_plus_ratio={ratio!r} was given, but {type(model).__name__} has no LoRA B matrices. "
+            "Add adapters first with finetunekit.add_lora(model), or leave lora_plus_ratio out."
+        )
+    return found
+
+
+def _split_lora_b(params: list[nn.Parameter], lora_b_ids: set[int]) -> list[tuple[bool, list[nn.Parameter]]]:
+    """Split parameters into the others and LoRA's B matrices, dropping an empty part."""
+    others = [p for p in params if id(p) not in lora_b_ids]
+    b_matrices = [p for p in params if id(p) in lora_b_ids]
+    return [(is_b, part) for is_b, part in ((False, others), (True, b_matrices)) if part]
 
 
 def _settings(entry: ParamGroup) -> dict[str, Any]:

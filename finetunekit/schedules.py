@@ -127,7 +127,7 @@ def slanted_triangular(
 
     Over the first ``cut_frac`` of the steps each group's rate rises linearly from
     ``1 / ratio`` of its own rate to the full rate, then falls linearly back to
-    ``1 / ratio`` of it at ``total_steps`` (Howard and Ruder, 2018).
+    ``1 / ratio`` of it at ``total_steps``.
 
     Args:
         optimizer: The optimizer whose groups to schedule. Its groups' rates are the peaks.

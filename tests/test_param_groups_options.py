@@ -451,3 +451,24 @@ def test_rates_are_finite_and_ordered_for_deep_decay():
     lrs = list(rates(groups).values())
     assert all(math.isfinite(r) and r > 0 for r in lrs)
     assert lrs == sorted(lrs)
+
+
+def test_lora_plus_trains_b_matrices_at_a_multiple(bert):
+    from finetunekit.lora import add_lora
+
+    add_lora(bert, r=4, targets=["query", "value"])
+    groups = ftk.param_groups(bert, lr=1e-4, lora_plus_ratio=16, merge=False)
+
+    names = {id(p): n for n, p in bert.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    b_names = [n for n in lr_of if ".lora_B." in n]
+    a_names = [n for n in lr_of if ".lora_A." in n]
+    assert len(b_names) == len(a_names) == 6  # query and value in each of 3 layers
+    assert {lr_of[n] for n in b_names} == {1.6e-3}
+    assert {lr_of[n] for n in a_names} == {1e-4}
+    assert all(g.get("lora_plus", False) == all(".lora_B." in names[id(p)] for p in g["params"]) for g in groups)
+
+
+def test_lora_plus_without_adapters_is_an_error(resnet):
+    with pytest.raises(ftk.NoMatchingTargetError, match=r"lora_plus_ratio=16 was given.*add_lora\(model\)"):
+        ftk.param_groups(resnet, lr=1e-3, lora_plus_ratio=16)
