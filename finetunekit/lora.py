@@ -774,7 +774,9 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     """Subtract the LoRA updates from the base weights again, in place.
 
     This undoes ``merge_lora(model, keep_adapters=True)``. Layers that are not merged are
-    left as they are.
+    left as they are. NOTE: adding and subtracting the update in floating point can change
+    the last bits of a base weight, and :func:`save_adapter` then rejects the model because
+    its base no longer matches the fingerprint taken by :func:`add_lora`.
 
     Args:
         model: A model with LoRA layers.
@@ -787,7 +789,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
             without ``keep_adapters=True``, which removes them.
 
     Example:
-        >>> merge_lora(model, keep_adapters=True)
+        >>> _ = merge_lora(model, keep_adapters=True)
         >>> unmerge_lora(model).layer1[0].conv1.merged
         False
     """
@@ -852,9 +854,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     current = _fingerprint(model, state)
     if current != state.fingerprint:
         raise ValueError(
-            "The base weights of this model changed after add_lora (trained outside the adapters, or "
-            "rewritten by an init_lora_weights option such as 'pissa'), so an adapter alone cannot "
-            "reproduce the model. Save the whole state_dict instead, or keep the base weights frozen."
+            "The base weights of this model changed after add_lora, so an adapter alone cannot reproduce "
+            "the model. They change when they train outside the adapters, when an init_lora_weights option "
+            "such as 'pissa' rewrites them, or in their last bits after merge_lora(keep_adapters=True) and "
+            "unmerge_lora. Save the whole state_dict instead."
         )
 
     tensors = _tensors_to_save(model, state)
