@@ -120,9 +120,7 @@ def test_same_rates_merge_into_one_dict_per_decay_kind(resnet):
         ("stem..fc", True),
     ]
     assert groups[0]["layer_groups"] == RESNET_GROUPS
-    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(
-        list(resnet.parameters())
-    )
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(resnet.parameters()))
 
 
 def test_merge_keeps_different_rates_apart(resnet):
@@ -150,9 +148,7 @@ def test_batchnorm_weights_get_no_decay(resnet):
     groups = ftk.param_groups(resnet, lr=1e-3, weight_decay=0.1)
 
     no_decay = {id(p) for g in groups if g["no_decay"] for p in g["params"]}
-    bn_weights = {
-        id(m.weight) for m in resnet.modules() if isinstance(m, nn.BatchNorm2d)
-    }
+    bn_weights = {id(m.weight) for m in resnet.modules() if isinstance(m, nn.BatchNorm2d)}
     assert len(bn_weights) == 20 and bn_weights <= no_decay
 
 
@@ -173,9 +169,7 @@ def test_no_decay_embeddings_option(bert):
 
 def test_no_decay_embeddings_covers_vit_tokens():
     model = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=3)
-    groups = ftk.param_groups(
-        model, lr=1e-3, weight_decay=0.1, no_decay_embeddings=True
-    )
+    groups = ftk.param_groups(model, lr=1e-3, weight_decay=0.1, no_decay_embeddings=True)
 
     ids = {id(p) for g in groups if g["no_decay"] for p in g["params"]}
     assert id(model.class_token) in ids
@@ -192,25 +186,17 @@ def test_custom_no_decay_rule_replaces_the_default(resnet):
     )
 
     no_decay = {id(p) for g in groups if g["no_decay"] for p in g["params"]}
-    assert no_decay == {
-        id(p) for n, p in resnet.named_parameters() if n.endswith("bias")
-    }
+    assert no_decay == {id(p) for n, p in resnet.named_parameters() if n.endswith("bias")}
 
 
 def test_tied_embedding_and_lm_head_in_one_group_only():
     model = make_llama(tied=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
-    groups = ftk.param_groups(
-        model, lr=slice(1e-4, 1e-3), weight_decay=0.1, merge=False
-    )
+    groups = ftk.param_groups(model, lr=slice(1e-4, 1e-3), weight_decay=0.1, merge=False)
     optimizer = torch.optim.AdamW(groups)  # torch raises on a parameter in two groups
 
-    holders = [
-        g["name"]
-        for g in optimizer.param_groups
-        if any(p is model.lm_head.weight for p in g["params"])
-    ]
+    holders = [g["name"] for g in optimizer.param_groups if any(p is model.lm_head.weight for p in g["params"])]
     assert holders == ["model.embed_tokens"]
 
 
@@ -249,17 +235,13 @@ def test_schedulers_keep_ratios_between_groups(resnet, make_scheduler):
 
     now = [g["lr"] for g in optimizer.param_groups]
     assert now != pytest.approx(start)  # the scheduler did change the rates
-    assert [n / now[-1] for n in now] == pytest.approx(
-        [s / start[-1] for s in start], rel=1e-9
-    )
+    assert [n / now[-1] for n in now] == pytest.approx([s / start[-1] for s in start], rel=1e-9)
 
 
 def test_reduce_on_plateau_keeps_ratios(resnet):
     optimizer = torch.optim.AdamW(ftk.param_groups(resnet, lr=slice(1e-5, 1e-3)))
     start = [g["lr"] for g in optimizer.param_groups]
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=0.5, patience=1
-    )
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
 
     for _ in range(10):
         optimizer.step()
@@ -267,16 +249,12 @@ def test_reduce_on_plateau_keeps_ratios(resnet):
 
     now = [g["lr"] for g in optimizer.param_groups]
     assert now[-1] < start[-1] / 4
-    assert [n / now[-1] for n in now] == pytest.approx(
-        [s / start[-1] for s in start], rel=1e-9
-    )
+    assert [n / now[-1] for n in now] == pytest.approx([s / start[-1] for s in start], rel=1e-9)
 
 
 def test_stable_layout_unfreezes_mid_run_without_touching_the_optimizer(resnet):
     ftk.freeze_to(resnet, -1)
-    groups = ftk.param_groups(
-        resnet, lr=slice(1e-4, 1e-2), include_frozen=True, merge=False
-    )
+    groups = ftk.param_groups(resnet, lr=slice(1e-4, 1e-2), include_frozen=True, merge=False)
     assert sum(len(g["params"]) for g in groups) == len(list(resnet.parameters()))
     assert rates(groups)["stem"] == 1e-4  # the spread covers every group
     optimizer = torch.optim.AdamW(groups)
@@ -301,10 +279,7 @@ def test_stable_layout_unfreezes_mid_run_without_touching_the_optimizer(resnet):
 
     ftk.unfreeze(resnet, "layer4.1", optimizer=optimizer)
     assert len(optimizer.param_groups) == num_groups
-    assert all(
-        torch.equal(optimizer.state[resnet.fc.weight][k], v)
-        for k, v in fc_state.items()
-    )
+    assert all(torch.equal(optimizer.state[resnet.fc.weight][k], v) for k, v in fc_state.items())
     step()
 
     assert not torch.equal(layer4, before)
@@ -315,9 +290,7 @@ def test_stable_layout_unfreezes_mid_run_without_touching_the_optimizer(resnet):
 
 def test_l2sp_pulls_toward_pretrained_not_zero(resnet):
     pretrained = resnet.layer1[0].conv1.weight.detach().clone()
-    groups = ftk.param_groups(
-        resnet, lr=0.1, weight_decay=0.5, decay_toward="pretrained"
-    )
+    groups = ftk.param_groups(resnet, lr=0.1, weight_decay=0.5, decay_toward="pretrained")
     optimizer = torch.optim.AdamW(groups)
     with torch.no_grad():
         resnet.layer1[0].conv1.weight.add_(1.0)
@@ -331,9 +304,7 @@ def test_l2sp_pulls_toward_pretrained_not_zero(resnet):
     # p -= lr * wd * (p - p0) = p - 0.05 * (p - p0); toward zero would give 0.95 * p.
     expected = moved - 0.05 * (moved - pretrained)
     assert torch.allclose(resnet.layer1[0].conv1.weight, expected, atol=1e-6)
-    assert torch.allclose(
-        resnet.fc.weight, torch.full_like(resnet.fc.weight, 2.0 * 0.95)
-    )  # the head decays to 0
+    assert torch.allclose(resnet.fc.weight, torch.full_like(resnet.fc.weight, 2.0 * 0.95))  # the head decays to 0
     assert all(g["weight_decay"] == 0.0 for g in groups if g.get("l2sp"))
 
 
@@ -341,16 +312,12 @@ def test_l2sp_anchor_from_state_dict_for_resumed_runs(resnet):
     pretrained = {k: v.clone() for k, v in resnet.state_dict().items()}
     with torch.no_grad():
         resnet.layer2[0].conv1.weight.mul_(3.0)
-    optimizer = torch.optim.SGD(
-        ftk.param_groups(resnet, lr=1.0, weight_decay=1.0, decay_toward=pretrained)
-    )
+    optimizer = torch.optim.SGD(ftk.param_groups(resnet, lr=1.0, weight_decay=1.0, decay_toward=pretrained))
 
     resnet.layer2[0].conv1.weight.grad = torch.zeros_like(resnet.layer2[0].conv1.weight)
     optimizer.step()
 
-    assert torch.equal(
-        resnet.layer2[0].conv1.weight, pretrained["layer2.0.conv1.weight"]
-    )
+    assert torch.equal(resnet.layer2[0].conv1.weight, pretrained["layer2.0.conv1.weight"])
 
 
 def test_l2sp_leaves_frozen_parameters_alone(resnet):
@@ -472,3 +439,24 @@ def test_lora_plus_trains_b_matrices_at_a_multiple(bert):
 def test_lora_plus_without_adapters_is_an_error(resnet):
     with pytest.raises(ftk.NoMatchingTargetError, match=r"lora_plus_ratio=16 was given.*add_lora\(model\)"):
         ftk.param_groups(resnet, lr=1e-3, lora_plus_ratio=16)
+
+
+@pytest.mark.parametrize("family", ["resnet", "bert", "llama"])
+@pytest.mark.parametrize("form", ["slice", "layer_decay", "mapping"])
+def test_every_rate_form_on_each_family(family, form):
+    model = {"resnet": lambda: torchvision.models.resnet18(weights=None), "bert": make_bert, "llama": make_llama}[
+        family
+    ]()
+    names = [g.name for g in ftk.layer_groups(model)]
+    count = len(names)
+    if form == "slice":
+        groups = ftk.param_groups(model, lr=slice(1e-6, 1e-3), merge=False)
+        expected = {n: 1e-6 * 1000 ** (i / (count - 1)) for i, n in enumerate(names)}
+    elif form == "layer_decay":
+        groups = ftk.param_groups(model, lr=1e-3, layer_decay=0.7, merge=False)
+        expected = {n: 1e-3 * 0.7 ** (count - 1 - i) for i, n in enumerate(names)}
+    else:
+        groups = ftk.param_groups(model, lr={names[-1]: 1e-3, names[0]: 1e-6, "*": 1e-4}, merge=False)
+        expected = {n: 1e-4 for n in names} | {names[0]: 1e-6, names[-1]: 1e-3}
+
+    assert rates(groups) == pytest.approx(expected, rel=1e-12)
