@@ -28,7 +28,7 @@ def roundtrip(obj):
     return torch.load(buffer, weights_only=True)
 
 
-def test_resume_into_different_frozen_set_restores_each_parameters_moments():
+def test_resume_with_new_frozen_set():
     model = torchvision.models.resnet18(weights=None)
     ftk.freeze_to(model, -3)  # layer4.0, layer4.1, fc
     optimizer = torch.optim.AdamW(ftk.param_groups(model, lr=slice(1e-4, 1e-3)))
@@ -57,7 +57,7 @@ def test_resume_into_different_frozen_set_restores_each_parameters_moments():
     assert all(not new_optimizer.state[p] for n, p in params.items() if n.startswith("layer3.1."))
 
 
-def test_positional_load_would_mismatch_but_named_load_does_not():
+def test_named_load_keeps_fc_moments():
     # The failure this module exists for: torch's positional state dict of an optimizer
     # over fc only, loaded into one over layer4.1 + fc, puts fc's moments on layer4.1.
     model = torchvision.models.resnet18(weights=None)
@@ -112,7 +112,7 @@ def test_strict_refuses_state_for_parameters_now_frozen():
     )
 
 
-def test_state_of_another_architecture_is_refused_by_name_and_shape():
+def test_other_architecture_is_rejected():
     model = torchvision.models.resnet18(weights=None)
     optimizer = torch.optim.Adam(model.parameters())
     train_steps(model, optimizer, 1)
