@@ -24,6 +24,7 @@ from ._precision import (
 )
 from ._utils import named_parameters_once
 from .callbacks import Callback
+from .feature_cache import CacheMode, FeatureCache, build_feature_cache, check_cache_mode
 from .groups import LayerGroup, resolve_groups
 from .history import History
 from .param_groups import param_groups
@@ -76,9 +77,17 @@ class Trainer:
         compile: Run the forward pass through ``torch.compile``; a dict is passed to it as
             keyword arguments. A phase that changes the trainable set runs a newly
             traced graph, never the previous phase's.
+        cache_features: In a phase that trains only the model's last module (or the last
+            children of an ``nn.Sequential``), run the frozen front once at the phase's
+            start and train on its stored outputs, as :mod:`finetunekit.feature_cache`
+            describes. ``"auto"`` caches when the front is deterministic in training mode
+            and the data is not randomly augmented, ``True`` runs the front in eval mode
+            (dropout off) and caches, ``False`` never caches. Each phase logs whether it
+            caches and why not.
 
     Raises:
-        ValueError: If ``phases`` is empty, or ``precision`` or ``checkpoint_every`` is invalid.
+        ValueError: If ``phases`` is empty, or ``precision``, ``checkpoint_every`` or
+            ``cache_features`` is invalid.
 
     Example:
         >>> trainer = Trainer(model, [Phase(1, train_groups=1, lr=1e-2),
@@ -109,6 +118,7 @@ class Trainer:
         checkpoint_every: int = 1,
         precision: Precision = "fp32",
         compile: bool | Mapping[str, Any] = False,
+        cache_features: CacheMode = "auto",
     ) -> None:
         if not phases:
             raise ValueError("Trainer needs at least one Phase, for example [Phase(epochs=1, train_groups=1)].")
@@ -124,6 +134,8 @@ class Trainer:
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         check_precision(precision, self.device)
+        check_cache_mode(cache_features)
+        self.cache_features: CacheMode = cache_features
         self.max_grad_norm = max_grad_norm
         self.groups = list(groups) if groups is not None else None
         self.progress = progress
@@ -161,6 +173,7 @@ class Trainer:
         self._in_epoch = False
         self._forward_model: nn.Module = model
         self._compiled_for: frozenset[str] | None = None
+        self._cache: FeatureCache | None = None
 
     def fit(self, *, resume_from: str | os.PathLike[str] | None = None) -> History:
         """Run every phase and return one record per epoch.
@@ -245,6 +258,10 @@ class Trainer:
         Returns:
             ``{"loss": ..., <metric>: ...}``.
         """
+        forward = self._forward
+        cached = self._cache.val_batches() if data is None and self._cache is not None else None
+        if cached is not None:
+            data, forward = cached, self._cache.forward  # type: ignore[union-attr]
         data = self.val_data if data is None else data
         if data is None:
             raise ValueError("evaluate() needs data: pass it, or give the Trainer val_data.")
@@ -254,7 +271,7 @@ class Trainer:
         try:
             for batch in data:
                 with autocast(self.precision, self.device):
-                    logits, labels = self._forward(batch)
+                    logits, labels = forward(batch)
                 all_logits.append(logits.float().cpu())
                 all_labels.append(labels.cpu())
         finally:
@@ -299,6 +316,8 @@ class Trainer:
 
     def _end_phase(self, phase: Phase) -> None:
         self._call("on_phase_end", phase)
+        # The next phase may train the front, which makes the stored features stale.
+        self._cache = None
         self._phase_ended = True
         if self.checkpoint_dir is not None:
             self.save_checkpoint(self._checkpoint_path(phase, self.epoch))
@@ -382,6 +401,14 @@ class Trainer:
         )
         _log_transition(phase, layers, before, after)
         self._prepare_forward(after)
+        self._cache = build_feature_cache(
+            self.model,
+            self.train_data,
+            self.val_data,
+            mode=self.cache_features,
+            device=self.device,
+            autocast=lambda: autocast(self.precision, self.device),
+        )
 
     def _prepare_forward(self, trainable: set[str]) -> None:
         if self.compile_options is None:
@@ -424,9 +451,15 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         metric_name, metric = next(iter(self.metrics.items()), (None, None))
         total_loss, total_metric, total_count = 0.0, 0.0, 0
-        total = len(self.train_data) if hasattr(self.train_data, "__len__") else None
+        batches: Iterable[Any] = self.train_data
+        forward = self._forward
+        if self._cache is not None:
+            batches, forward = self._cache.train_batches(), self._cache.forward
+        total = len(batches) if hasattr(batches, "__len__") else None
+        # tqdm.auto's asyncio class calls iter() on what it gets, so it gets an iterator: a
+        # DataLoader iterated twice would start its workers and draw its worker seed twice.
         bar = tqdm(
-            self.train_data,
+            iter(batches),
             total=total,
             desc=f"{phase.name} {epoch}/{phase.epochs}",
             disable=not self.progress,
@@ -435,7 +468,7 @@ class Trainer:
         for batch in bar:
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.precision, self.device):
-                logits, labels = self._forward(batch)
+                logits, labels = forward(batch)
                 loss = self.loss_fn(logits, labels)
             self._step(loss, trainable)
             if scheduler is not None:
