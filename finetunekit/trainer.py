@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import trainer_checkpoint
+from . import distributed, trainer_checkpoint
 from ._batches import forward_batch
 from ._precision import (
     Precision,
@@ -84,6 +84,13 @@ class Trainer:
             and the data is not randomly augmented, ``True`` runs the front in eval mode
             (dropout off) and caches, ``False`` never caches. Each phase logs whether it
             caches and why not.
+        accelerator: An ``accelerate.Accelerator`` for runs in several processes, started
+            with ``accelerate launch``. The trainer then shards ``DataLoader`` data over
+            the processes, wraps the model (in ``DistributedDataParallel`` on several
+            processes) again at the start of each phase, so that newly unfrozen layers
+            are synchronised, sums the training loss and gathers the validation outputs
+            of all processes, and writes checkpoints from the main process only. The
+            device is the accelerator's, and feature caching is off.
 
     Raises:
         ValueError: If ``phases`` is empty, or ``precision``, ``checkpoint_every`` or
@@ -119,6 +126,7 @@ class Trainer:
         precision: Precision = "fp32",
         compile: bool | Mapping[str, Any] = False,
         cache_features: CacheMode = "auto",
+        accelerator: Any = None,
     ) -> None:
         if not phases:
             raise ValueError("Trainer needs at least one Phase, for example [Phase(epochs=1, train_groups=1)].")
@@ -132,6 +140,21 @@ class Trainer:
         self.metrics = dict(metrics) if metrics is not None else {"accuracy": accuracy}
         self.optimizer_class = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.accelerator = accelerator
+        if accelerator is not None:
+            distributed.check_accelerator(accelerator)
+            if device is not None or compile is not False:
+                raise ValueError(
+                    "Trainer(accelerator=...) takes its device from the accelerator and does not support "
+                    f"compile; got device={device!r}, compile={compile!r}. Drop these arguments."
+                )
+            device = accelerator.device
+            train_data = distributed.prepare_data(accelerator, train_data)
+            val_data = distributed.prepare_data(accelerator, val_data)
+            self.train_data, self.val_data = train_data, val_data
+            if cache_features is not False:
+                logger.info("feature caching is off because the Trainer runs through an accelerator")
+                cache_features = False
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         check_precision(precision, self.device)
         check_cache_mode(cache_features)
@@ -239,6 +262,10 @@ class Trainer:
             )
         if self.phase is None:
             raise RuntimeError("save_checkpoint() was called before fit() started; there is no run to save.")
+        if not self._is_main_process:
+            # The processes hold the same weights, so the main process writes for all.
+            self.last_checkpoint = Path(path)
+            return Path(path)
         path = trainer_checkpoint.save(trainer_checkpoint.build(self), path)
         self.last_checkpoint = path
         logger.info(
@@ -259,6 +286,8 @@ class Trainer:
             ``{"loss": ..., <metric>: ...}``.
         """
         forward = self._forward
+        # Only the trainer's own validation data is sharded, so only its outputs are gathered.
+        gather = self.accelerator is not None and data is None
         cached = self._cache.val_batches() if data is None and self._cache is not None else None
         if cached is not None:
             data, forward = cached, self._cache.forward  # type: ignore[union-attr]
@@ -272,6 +301,8 @@ class Trainer:
             for batch in data:
                 with autocast(self.precision, self.device):
                     logits, labels = forward(batch)
+                if gather:
+                    logits, labels = self.accelerator.gather_for_metrics((logits, labels))
                 all_logits.append(logits.float().cpu())
                 all_labels.append(labels.cpu())
         finally:
@@ -281,6 +312,10 @@ class Trainer:
         results = {"loss": float(self.loss_fn(logits, labels))}
         results.update({name: float(fn(logits, labels)) for name, fn in self.metrics.items()})
         return results
+
+    @property
+    def _is_main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
 
     def _begin_phase(self, index: int, phase: Phase) -> None:
         self.phase_index, self.phase, self.epoch = index, phase, 0
@@ -401,6 +436,8 @@ class Trainer:
         )
         _log_transition(phase, layers, before, after)
         self._prepare_forward(after)
+        if self.accelerator is not None:
+            self._forward_model, self.optimizer = distributed.prepare_phase(self.accelerator, self.model, new)
         self._cache = build_feature_cache(
             self.model,
             self.train_data,
@@ -462,7 +499,7 @@ class Trainer:
             iter(batches),
             total=total,
             desc=f"{phase.name} {epoch}/{phase.epochs}",
-            disable=not self.progress,
+            disable=not self.progress or not self._is_main_process,
             leave=False,
         )
         for batch in bar:
@@ -487,6 +524,8 @@ class Trainer:
                     postfix[str(metric_name)] = f"{total_metric / total_count:.4f}"
                 bar.set_postfix(postfix)
             self._call("on_step_end", batch_loss)
+        if self.accelerator is not None:
+            total_loss, total_count = distributed.sum_across(self.accelerator, total_loss, total_count)
         if total_count == 0:
             raise ValueError("train_data yielded no batches.")
         return total_loss / total_count
@@ -494,7 +533,10 @@ class Trainer:
     def _step(self, loss: torch.Tensor, trainable: list[nn.Parameter]) -> None:
         assert self.optimizer is not None
         if self.scaler is None:
-            loss.backward()
+            if self.accelerator is not None:
+                self.accelerator.backward(loss)
+            else:
+                loss.backward()
             if self.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(trainable, self.max_grad_norm)
             self.optimizer.step()
