@@ -3,17 +3,24 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install-dev install-examples fashion-mnist
+.PHONY: demo test docs install-dev install-examples fashion-mnist
 
 # The main job: fine-tune MiniLM on BBC News and print the validation accuracy.
 demo: install-examples
 	$(BIN)/python examples/text_classification.py
 
-# The test suite, including short runs of both examples on their real data. pytest exits
-# with 5 when it collects no test; that is reported and passed as success.
-test: install-dev fashion-mnist
+# The test suite, including short runs of both examples on their real data, after the
+# documentation build. pytest exits with 5 when it collects no test; that is reported and
+# passed as success.
+test: install-dev fashion-mnist docs
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
+
+# The documentation site, built into site/ in strict mode: a broken link, a missing page or
+# an API reference entry that does not resolve fails the build.
+docs: $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[docs]"
+	$(BIN)/mkdocs build --strict
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
