@@ -693,7 +693,7 @@ def _fingerprint(model: nn.Module, state: _LoraState) -> str:
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}\n".encode())
     if base:
         count = min(_FINGERPRINT_TENSORS, len(base))
-        for index in torch.linspace(0, len(base) - 1, count).round().long().unique().tolist():
+        for index in _spread(len(base), count).tolist():
             digest.update(_sample_bytes(base[index][1]))
     return digest.hexdigest()
 
@@ -702,9 +702,16 @@ def _sample_bytes(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
     if flat.numel() == 0:
         return b""
-    positions = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _FINGERPRINT_VALUES), device=flat.device)
-    values = flat[positions.round().long()].cpu().contiguous()
+    positions = _spread(flat.numel(), _FINGERPRINT_VALUES).to(flat.device)
+    values = flat[positions].cpu().contiguous()
     return values.view(torch.uint8).numpy().tobytes()
+
+
+def _spread(size: int, count: int) -> torch.Tensor:
+    """Return up to ``count`` evenly spaced indexes into ``range(size)``, first and last included."""
+    # Integer arithmetic, because float32 positions round past the last index above 2**24.
+    count = min(count, size)
+    return torch.arange(count, dtype=torch.int64) * (size - 1) // max(count - 1, 1)
 
 
 def _buffer_digests(model: nn.Module) -> dict[str, str]:

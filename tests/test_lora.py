@@ -15,6 +15,7 @@ from finetunekit.lora import (
     ADAPTER_FILE,
     CONFIG_FILE,
     _lora_role,
+    _sample_bytes,
     add_lora,
     enable_gradient_checkpointing,
     load_adapter,
@@ -592,6 +593,18 @@ def test_save_rejects_merged_layers(tmp_path):
 def test_save_without_adapters_raises(tmp_path):
     with pytest.raises(ValueError, match="save_adapter needs a model with adapters"):
         save_adapter(make_mlp(), tmp_path)
+
+
+def test_fingerprint_sample_on_large_tensor():
+    # Above 2**24 values, float32 positions round to even numbers and miss or pass the last index.
+    tensor = torch.zeros(2**24 + 2, dtype=torch.uint8)
+    tensor[-1] = 7
+
+    sample = _sample_bytes(tensor)
+
+    assert len(sample) == 256
+    assert sample[-1] == 7
+    assert sample[0] == 0
 
 
 # --- the other building blocks on a LoRA model ----------------------------------------------
