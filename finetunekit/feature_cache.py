@@ -96,7 +96,7 @@ class _Stored:
 class FeatureCache:
     """The stored tail inputs of one phase and the tail module that consumes them.
 
-    Built by :func:`build_feature_cache`; the ``Trainer`` builds one at the start of each
+    Built by :func:`build_feature_cache`; the ``Trainer`` builds one in the first epoch of each
     phase that can use it and drops it at the phase's end.
 
     Attributes:

@@ -78,8 +78,8 @@ class Trainer:
             keyword arguments. A phase that changes the trainable set runs a newly
             traced graph, never the previous phase's.
         cache_features: In a phase that trains only the model's last module (or the last
-            children of an ``nn.Sequential``), run the frozen front once at the phase's
-            start and train on its stored outputs, as :mod:`finetunekit.feature_cache`
+            children of an ``nn.Sequential``), run the frozen front once, at the start of
+            the phase's first epoch, and train on its stored outputs, as :mod:`finetunekit.feature_cache`
             describes. ``"auto"`` caches when the front is deterministic in training mode
             and the data is not randomly augmented, ``True`` runs the front in eval mode
             (dropout off) and caches, ``False`` never caches. Each phase logs whether it
@@ -197,6 +197,7 @@ class Trainer:
         self._forward_model: nn.Module = model
         self._compiled_for: frozenset[str] | None = None
         self._cache: FeatureCache | None = None
+        self._cache_due = False
 
     def fit(self, *, resume_from: str | os.PathLike[str] | None = None) -> History:
         """Run every phase and return one record per epoch.
@@ -438,14 +439,9 @@ class Trainer:
         self._prepare_forward(after)
         if self.accelerator is not None:
             self._forward_model, self.optimizer = distributed.prepare_phase(self.accelerator, self.model, new)
-        self._cache = build_feature_cache(
-            self.model,
-            self.train_data,
-            self.val_data,
-            mode=self.cache_features,
-            device=self.device,
-            autocast=lambda: autocast(self.precision, self.device),
-        )
+        # Filled by the phase's first epoch, after the on_phase_start and on_epoch_start callbacks.
+        self._cache = None
+        self._cache_due = True
 
     def _prepare_forward(self, trainable: set[str]) -> None:
         if self.compile_options is None:
@@ -485,6 +481,16 @@ class Trainer:
     ) -> float:
         assert self.optimizer is not None
         self.model.train()
+        if self._cache_due:
+            self._cache = build_feature_cache(
+                self.model,
+                self.train_data,
+                self.val_data,
+                mode=self.cache_features,
+                device=self.device,
+                autocast=lambda: autocast(self.precision, self.device),
+            )
+            self._cache_due = False
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         metric_name, metric = next(iter(self.metrics.items()), (None, None))
         total_loss, total_metric, total_count = 0.0, 0.0, 0

@@ -313,3 +313,28 @@ def test_bert_forced_cache_equals_run_without_dropout():
     plain = fit(plain_model, phases, False, text_data())
 
     assert_same_run(cached, plain, cached_model, plain_model)
+
+
+class ScaleFront(ftk.Callback):
+    """Change a frozen weight when the phase starts, as a callback restoring weights would."""
+
+    def on_phase_start(self, trainer, phase):
+        with torch.no_grad():
+            trainer.model[0][0].weight.mul_(2.0)
+
+
+def test_cache_sees_phase_start_callbacks():
+    torch.manual_seed(0)
+    cached_model = small_cnn()
+    torch.manual_seed(0)
+    plain_model = small_cnn()
+    phases = [ftk.Phase(2, train_groups=1, lr=1e-2)]
+    train, val = image_data()
+
+    cached = ftk.Trainer(cached_model, phases, train, val, progress=False, callbacks=[ScaleFront()]).fit()
+    train, val = image_data()
+    plain = ftk.Trainer(
+        plain_model, phases, train, val, progress=False, callbacks=[ScaleFront()], cache_features=False
+    ).fit()
+
+    assert_same_run(cached, plain, cached_model, plain_model)
