@@ -236,7 +236,7 @@ def build_feature_cache(
 
     cache = FeatureCache(split, train, val)
     logger.info(
-        "caching the input of %r for %d training%s batches (%.1f MB)%s",
+        "caching the input of %r for %d training%s batches (%.1f MiB)%s",
         split.name,
         len(train),
         f" and {len(val)} validation" if val is not None else "",
