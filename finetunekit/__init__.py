@@ -21,6 +21,16 @@ from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
 from .heads import TokenPooler, find_head, replace_head
 from .history import History
+from .lora import (
+    LoraTarget,
+    add_lora,
+    enable_gradient_checkpointing,
+    load_adapter,
+    lora_groups,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from .lr_finder import LRFinderResult, lr_find
 from .optim_state import OptimizerCheck, check_optimizer, load_optimizer_state_dict, optimizer_state_dict
 from .param_groups import NoDecayRule, ParamGroup, is_no_decay, layer_lrs, param_groups
@@ -58,6 +68,7 @@ __all__ = [
     "LRFinderResult",
     "LayerGroup",
     "LinearProbeThenFinetune",
+    "LoraTarget",
     "NoDecayRule",
     "NoMatchingTargetError",
     "NoParametersError",
@@ -74,8 +85,10 @@ __all__ = [
     "TokenPooler",
     "Trainer",
     "accuracy",
+    "add_lora",
     "check_optimizer",
     "describe",
+    "enable_gradient_checkpointing",
     "find_head",
     "freeze",
     "freeze_to",
@@ -83,14 +96,19 @@ __all__ = [
     "is_no_decay",
     "layer_groups",
     "layer_lrs",
+    "load_adapter",
     "load_optimizer_state_dict",
     "load_pretrained",
+    "lora_groups",
     "lr_find",
+    "merge_lora",
     "one_cycle",
     "optimizer_state_dict",
     "param_groups",
     "replace_head",
+    "save_adapter",
     "slanted_triangular",
     "unfreeze",
+    "unmerge_lora",
     "warmup_schedule",
 ]

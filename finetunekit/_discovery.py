@@ -151,6 +151,8 @@ def _count(module: nn.Module) -> int:
 
 def _is_wrapper(module: nn.Module) -> bool:
     """Return whether ``module`` has two or more children with parameters, one of them composite."""
+    if hasattr(module, "base_layer") and hasattr(module, "adapter_layer_names"):
+        return False  # a peft adapter layer (LoRA) is one layer, not a wrapper
     children = [child for child in module.children() if _has_parameters(child)]
     return len(children) >= 2 and any(next(child.children(), None) is not None for child in children)
 

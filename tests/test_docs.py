@@ -37,9 +37,6 @@ PAGES = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").rgl
 # TODO: pages whose samples fail at present; their owners are changing them. Each is a strict
 # expected failure, so the test fails as soon as the page passes: delete its entry then.
 KNOWN_FAILURES = {
-    "README.md": "the first block is a sketch with an undefined `model` and `...` placeholders",
-    "docs/param-groups.md": "the first block is the signature of param_groups, not runnable code",
-    "docs/lora.md": "the block under 'With a replaced head' uses a BERT `model` that the page never builds",
     "docs/trainer.md": "the first example's printed losses and log lines differ from the current Trainer",
 }
 

@@ -619,11 +619,6 @@ def test_layer_groups_unchanged_by_lora(build):
     assert [g.name for g in ftk.layer_groups(model)] == names
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group discovery splits a LoRA layer holding most of a flat model's parameters into "
-    "base_layer, lora_A and lora_B groups, because it reads the layer as a wrapper",
-)
 def test_layer_groups_unchanged_on_flat_mlp():
     names = [g.name for g in ftk.layer_groups(make_mlp())]
 
