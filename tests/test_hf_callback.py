@@ -67,10 +67,15 @@ def names_of(groups) -> set[str]:
     return {name for group in groups for name, _ in group.named_parameters()}
 
 
-def test_trainable_sets_per_epoch(tmp_path):
+@pytest.fixture(scope="module")
+def gradual_run(tmp_path_factory):
+    """A head epoch, then two epochs of the top three groups, trained once for several tests."""
     phases = [ftk.Phase(1, train_groups=1, lr=1e-2), ftk.Phase(2, train_groups=3, lr=slice(1e-4, 1e-3))]
+    return train(tmp_path_factory.mktemp("hf"), phases, epochs=3)
 
-    model, _, callback, probe = train(tmp_path, phases, epochs=3)
+
+def test_trainable_sets_per_epoch(gradual_run):
+    model, _, callback, probe = gradual_run
 
     groups = ftk.layer_groups(model)
     head, top3 = names_of(groups[-1:]), names_of(groups[-3:])
@@ -79,10 +84,8 @@ def test_trainable_sets_per_epoch(tmp_path):
     assert [r["epoch"] for r in callback.records] == [1, 2, 3]
 
 
-def test_frozen_weights_unchanged_per_phase(tmp_path):
-    phases = [ftk.Phase(1, train_groups=1, lr=1e-2), ftk.Phase(2, train_groups=3, lr=slice(1e-4, 1e-3))]
-
-    model, before, _, probe = train(tmp_path, phases, epochs=3)
+def test_frozen_weights_unchanged_per_phase(gradual_run):
+    model, before, _, probe = gradual_run
 
     groups = ftk.layer_groups(model)
     head, top3 = names_of(groups[-1:]), names_of(groups[-3:])
