@@ -10,32 +10,40 @@ this module picks the targets, sets what trains, and saves what training changed
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
-from ._norms import (
-    POLICY,
-    check_policy,
-    has_running_stats,
-    set_policy,
-    sync_norm_layers,
+from ._lora_inject import (
+    _STATE,
+    _adapter_parameters,
+    _check_options,
+    _inject,
+    _lora_layers,
+    _LoraState,
+    _remove_lora_layers,
+    _require_lora_layers,
+    _require_peft,
+    _require_state,
 )
-from ._utils import close_matches, format_suggestions, named_parameters_once
-from .errors import NoMatchingTargetError
+from ._lora_io import (
+    _buffer_digests,
+    _check_base,
+    _check_shapes,
+    _check_untracked_training,
+    _fingerprint,
+    _sample_bytes,  # noqa: F401 (tests/test_lora.py imports it from finetunekit.lora)
+    _tensors_to_save,
+)
+from ._lora_targets import _fan_in_fan_out, _norm_policies, _resolve_targets, _saved_modules
+from ._norms import check_policy
+from ._utils import named_parameters_once
 from .groups import LayerGroup, layer_groups
-from .heads import _head_names
 
 __all__ = [
     "add_lora",
@@ -53,64 +61,14 @@ LoraTarget = str | type[nn.Module] | LayerGroup
 """One LoRA target: a module name, a peft-style name suffix, a glob or ``"re:"`` pattern,
 a module class, or a layer group."""
 
-# Attribute name under which finetunekit stores a model's LoRA settings.
-_STATE = "_finetunekit_lora"
-
 ADAPTER_FILE = "finetunekit_adapter.safetensors"
 CONFIG_FILE = "finetunekit_adapter.json"
 _FORMAT = "finetunekit-lora"
 _FORMAT_VERSION = 1
 
-# The fingerprint hashes every base parameter's name, shape and dtype, and the values of
-# this many tensors, spread evenly over the sorted names, at this many evenly spaced
-# positions each. So it costs the same on a 100M and a 10B parameter model.
-_FINGERPRINT_TENSORS = 32
-_FINGERPRINT_VALUES = 256
-
-# LoraConfig fields that add_lora sets itself or does not support.
-_MANAGED_OPTIONS = {
-    "r": "pass r=",
-    "lora_alpha": "pass alpha=",
-    "lora_dropout": "pass dropout=",
-    "target_modules": "pass targets=",
-    "target_parameters": "pass targets= with module names",
-    "exclude_modules": "pass targets= without the modules to leave out",
-    "layers_to_transform": "pass groups=",
-    "layers_pattern": "pass groups=",
-    "modules_to_save": "pass modules_to_save= to add_lora",
-    "fan_in_fan_out": "add_lora sets it from the layer types",
-    "bias": "name the layers whose biases should train in modules_to_save=",
-    "inference_mode": "use load_adapter(..., trainable=False)",
-    "peft_type": "add_lora always adds LoRA",
-    "task_type": "add_lora works on any module and needs no task type",
-}
-
 # Name segments of the two LoRA matrices inside a peft LoRA layer.
 _A_SEGMENTS = frozenset({"lora_A", "lora_embedding_A"})
 _B_SEGMENTS = frozenset({"lora_B", "lora_embedding_B"})
-
-_GLOB_CHARS = frozenset("*?[")
-_REGEX_PREFIX = "re:"
-_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
-
-
-@dataclass
-class _LoraState:
-    """LoRA settings of a model: enough to save the adapter and to rebuild it on a fresh base."""
-
-    options: dict[str, Any]
-    targets: list[str]
-    modules_to_save: list[str]
-    norm_policies: dict[str, str]
-    fingerprint: str
-    buffer_digests: dict[str, str] = field(default_factory=dict)
-    # Whether peft's injection created the model's ``peft_config`` attribute, which unloading removes.
-    owns_peft_config: bool = False
-
-    @property
-    def trained_norms(self) -> list[str]:
-        """Normalization layers outside the saved modules whose affine parameters train (policy ``"train"``)."""
-        return [name for name, policy in self.norm_policies.items() if policy == "train"]
 
 
 # --- add_lora -------------------------------------------------------------------------------
@@ -257,480 +215,6 @@ def add_lora(
     return model
 
 
-def _require_peft() -> None:
-    try:
-        import peft  # noqa: F401
-    except ImportError as error:
-        raise ImportError("LoRA needs peft: pip install peft") from error
-
-
-def _check_options(
-    r: int,
-    alpha: float,
-    dropout: float,
-    use_dora: bool,
-    use_rslora: bool,
-    init_lora_weights: bool | str,
-    lora_options: dict[str, Any],
-) -> dict[str, Any]:
-    from peft import LoraConfig
-
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r={r!r} must be a positive integer rank, such as 8.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"alpha={alpha!r} must be a positive number, such as 2 * r.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout={dropout!r} must be a probability in [0, 1).")
-
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    for key, value in lora_options.items():
-        if key in _MANAGED_OPTIONS:
-            raise TypeError(f"add_lora sets LoraConfig.{key} itself; {_MANAGED_OPTIONS[key]}.")
-        if key not in fields:
-            suggestions = format_suggestions(close_matches(key, fields - set(_MANAGED_OPTIONS)))
-            raise TypeError(f"add_lora got {key}={value!r}, which is not a LoraConfig field.{suggestions}")
-
-    options = {
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": float(dropout),
-        "use_dora": bool(use_dora),
-        "use_rslora": bool(use_rslora),
-        "init_lora_weights": init_lora_weights,
-        **lora_options,
-    }
-    # LoraConfig checks the values itself (an unknown init_lora_weights, for example), and
-    # building it here raises before the model changes.
-    _lora_config(options, ["x"])
-    return options
-
-
-def _lora_config(options: dict[str, Any], targets: list[str]) -> Any:
-    from peft import LoraConfig
-
-    # A string target_modules is a regular expression that must match a whole module name,
-    # so each name selects exactly that module.
-    pattern = "|".join(re.escape(name) for name in targets)
-    return LoraConfig(target_modules=f"(?:{pattern})", **options)
-
-
-# --- targets --------------------------------------------------------------------------------
-
-
-def _adaptable_types() -> tuple[type[nn.Module], ...]:
-    """Layer types peft's LoRA adapts with its default layers (peft 0.21)."""
-    types: tuple[type[nn.Module], ...] = (
-        nn.Linear,
-        nn.Embedding,
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-    )
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return types
-    return (*types, Conv1D)
-
-
-def _supported_names() -> str:
-    return ", ".join(
-        f"transformers {cls.__name__}" if cls.__module__.startswith("transformers") else f"nn.{cls.__name__}"
-        for cls in _adaptable_types()
-    )
-
-
-def _is_adaptable(module: nn.Module) -> bool:
-    if not isinstance(module, _adaptable_types()):
-        return False
-    # peft cannot merge LoRA into a grouped convolution and needs r divisible by groups.
-    return getattr(module, "groups", 1) == 1
-
-
-def _is_auto_target(module: nn.Module) -> bool:
-    return _is_adaptable(module) and not isinstance(module, nn.Embedding)
-
-
-def _under(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
-
-
-def _saved_modules(model: nn.Module, modules_to_save: Sequence[str], train_head: bool | None) -> list[str]:
-    """Return the names of the modules that train fully: the head when it trains, then ``modules_to_save``."""
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
-    heads = _head_names(model)
-    if train_head is None:
-        train_head = bool(heads) and not _is_output_embedding(model, heads[0])
-    elif train_head and not heads:
-        raise ValueError(
-            f"train_head=True, but {type(model).__name__} has no head that find_head recognises. "
-            "Name the output layer in modules_to_save instead."
-        )
-
-    saved = list(heads) if train_head else []
-    modules = [n for n, _ in model.named_modules() if n]
-    for item in modules_to_save:
-        if not isinstance(item, str):
-            raise TypeError(f"modules_to_save item {item!r} has type {type(item).__name__}; pass module names.")
-        matched = _match_names(item, modules)
-        if not matched:
-            raise NoMatchingTargetError(
-                f"modules_to_save item {item!r} matched no module of {type(model).__name__}."
-                f"{format_suggestions(close_matches(item, modules))}"
-            )
-        saved.extend(matched)
-    # A module inside another saved module is saved with it.
-    unique = list(dict.fromkeys(saved))
-    return [n for n in unique if not _under(n, [p for p in unique if p != n])]
-
-
-def _is_output_embedding(model: nn.Module, head_name: str) -> bool:
-    get_output = getattr(model, "get_output_embeddings", None)
-    if not callable(get_output):
-        return False
-    try:
-        output = get_output()
-    except NotImplementedError:
-        return False
-    return output is not None and output is model.get_submodule(head_name)
-
-
-def _match_names(target: str, names: Sequence[str]) -> list[str]:
-    """Return the names that ``target`` selects: exact, peft-style suffix, glob or ``re:`` match."""
-    if target.startswith(_REGEX_PREFIX):
-        try:
-            compiled = re.compile(target[len(_REGEX_PREFIX) :])
-        except re.error as error:
-            raise ValueError(f"LoRA target {target!r} is not a valid regular expression: {error}.") from None
-        return [n for n in names if compiled.fullmatch(n)]
-    # A plain name selects that module and every module whose name ends in it, as in peft.
-    exact = [n for n in names if n == target or n.endswith(f".{target}")]
-    if exact:
-        return exact
-    if _GLOB_CHARS & set(target):
-        return [n for n in names if fnmatch.fnmatchcase(n, target)]
-    return []
-
-
-def _resolve_targets(
-    model: nn.Module,
-    targets: Any,
-    groups: int | Sequence[int | str] | None,
-    saved: list[str],
-) -> list[str]:
-    """Return the qualified names of the layers that get adapters, in module order."""
-    modules = {n: m for n, m in model.named_modules() if n}
-    allowed = _modules_in_groups(model, groups, modules) if groups is not None else None
-
-    if isinstance(targets, (str, type, LayerGroup)):
-        items = [targets]
-    elif isinstance(targets, Sequence):
-        items = list(targets)
-        if not items:
-            raise ValueError("targets=[] selects no layer; pass 'auto' or at least one name, pattern or type.")
-    else:
-        raise TypeError(
-            f"targets={targets!r} has type {type(targets).__name__}; pass 'auto', a module name or pattern, "
-            "a module class, a LayerGroup, or a list of them."
-        )
-
-    # "auto", module classes and layer groups never pick the head, even when it does not train;
-    # only a name can put adapters on it.
-    excluded = saved + _head_names(model)
-    selected: set[str] = set()
-    for item in items:
-        found = _select_name(model, item, modules, saved) if isinstance(item, str) and item != "auto" else None
-        if found is None:
-            found = _select(model, item, modules, excluded)
-        if allowed is not None:
-            found = [n for n in found if n in allowed]
-            if not found:
-                raise NoMatchingTargetError(
-                    f"LoRA target {_describe_target(item)} matched no layer inside groups={groups!r}. "
-                    "Widen groups= or pick targets inside those groups."
-                )
-        selected.update(found)
-    return [n for n in modules if n in selected]
-
-
-def _select(model: nn.Module, item: Any, modules: dict[str, nn.Module], excluded: list[str]) -> list[str]:
-    if item == "auto":
-        found = [n for n, m in modules.items() if _is_auto_target(m) and not _under(n, excluded)]
-        if not found:
-            present = sorted({type(m).__name__ for m in modules.values()})
-            raise NoMatchingTargetError(
-                f"targets='auto' found no nn.Linear or convolution outside the head in {type(model).__name__} "
-                f"(module types there: {present}). Name the layers to adapt in targets=."
-            )
-        return found
-    if isinstance(item, LayerGroup):
-        return _select_in_group(model, item, modules, excluded)
-    if isinstance(item, type) and issubclass(item, nn.Module):
-        return _select_type(model, item, modules, excluded)
-    raise TypeError(
-        f"LoRA target {item!r} has type {type(item).__name__}; pass a module name or pattern, "
-        "a module class or a LayerGroup."
-    )
-
-
-def _select_name(model: nn.Module, target: str, modules: dict[str, nn.Module], saved: list[str]) -> list[str]:
-    matched = _match_names(target, list(modules))
-    if not matched:
-        raise NoMatchingTargetError(
-            f"LoRA target {target!r} matched no module of {type(model).__name__}."
-            f"{format_suggestions(close_matches(target, modules))} "
-            "Check the names with [n for n, _ in model.named_modules()]."
-        )
-    clash = [n for n in matched if _under(n, saved)]
-    if clash and len(clash) == len(matched):
-        raise ValueError(
-            f"LoRA target {target!r} selects {clash[:3]}, which train fully as saved modules {saved}. "
-            "Leave them out of targets, or pass train_head=False to put adapters on the head."
-        )
-
-    found = [n for n, m in modules.items() if _is_adaptable(m) and _under(n, matched) and not _under(n, saved)]
-    if not found:
-        kinds = sorted({type(modules[n]).__name__ for n in matched})
-        raise ValueError(
-            f"LoRA target {target!r} selects {matched[:3]} of type {kinds}, and LoRA cannot adapt "
-            f"them or any layer inside them. Supported types: {_supported_names()} "
-            "(convolutions with groups=1 only)."
-        )
-    return found
-
-
-def _select_type(
-    model: nn.Module,
-    cls: type[nn.Module],
-    modules: dict[str, nn.Module],
-    saved: list[str],
-) -> list[str]:
-    if not issubclass(cls, _adaptable_types()):
-        raise ValueError(  # noqa: TRY004 (the class is a valid argument; LoRA lacks a layer for it)
-            f"LoRA cannot adapt {cls.__name__} layers. Supported types: {_supported_names()}."
-        )
-    found = [n for n, m in modules.items() if isinstance(m, cls) and _is_adaptable(m) and not _under(n, saved)]
-    if not found:
-        present = sorted({type(m).__name__ for n, m in modules.items() if _is_adaptable(m) and not _under(n, saved)})
-        raise NoMatchingTargetError(
-            f"LoRA target {cls.__name__} matched no layer outside the saved modules of {type(model).__name__} "
-            f"(grouped convolutions are left out). Adaptable types there: {present}."
-        )
-    return found
-
-
-def _select_in_group(model: nn.Module, group: LayerGroup, modules: dict[str, nn.Module], saved: list[str]) -> list[str]:
-    owned = {id(p) for p in group.parameters()}
-    found = [
-        n
-        for n, m in modules.items()
-        if _is_adaptable(m) and not _under(n, saved) and id(getattr(m, "weight", None)) in owned
-    ]
-    if not found:
-        raise NoMatchingTargetError(
-            f"LoRA target {group!r} contains no layer that LoRA can adapt outside the saved modules. "
-            f"Supported types: {_supported_names()}."
-        )
-    return found
-
-
-def _modules_in_groups(model: nn.Module, groups: int | Sequence[int | str], modules: dict[str, nn.Module]) -> set[str]:
-    all_groups = layer_groups(model)
-    count = len(all_groups)
-    if isinstance(groups, bool):
-        raise TypeError(f"groups={groups!r} is a bool; pass a layer-group index or a list of indexes and names.")
-    if isinstance(groups, int):
-        if not -count <= groups < count:
-            raise IndexError(f"groups={groups} is out of range: {type(model).__name__} has {count} layer groups.")
-        chosen = all_groups[groups:]
-    elif isinstance(groups, Sequence) and not isinstance(groups, str):
-        chosen = [_pick_group(model, all_groups, item) for item in groups]
-    else:
-        raise TypeError(f"groups={groups!r} must be an int or a list of layer-group indexes and names.")
-
-    owned = {id(p) for g in chosen for p in g.parameters()}
-    return {n for n, m in modules.items() if id(getattr(m, "weight", None)) in owned}
-
-
-def _pick_group(model: nn.Module, all_groups: list[LayerGroup], item: int | str) -> LayerGroup:
-    if isinstance(item, int) and not isinstance(item, bool):
-        if not -len(all_groups) <= item < len(all_groups):
-            raise IndexError(
-                f"groups item {item} is out of range: {type(model).__name__} has {len(all_groups)} layer groups."
-            )
-        return all_groups[item]
-    names = [g.name for g in all_groups]
-    if isinstance(item, str) and item in names:
-        return all_groups[names.index(item)]
-    raise NoMatchingTargetError(
-        f"groups item {item!r} was not found among the layer groups of {type(model).__name__}.{format_suggestions(close_matches(str(item), names))}"
-    )
-
-
-def _describe_target(item: Any) -> str:
-    return item.__name__ if isinstance(item, type) else repr(item)
-
-
-def _fan_in_fan_out(model: nn.Module, targets: list[str]) -> bool:
-    """Return whether the targets store their weight as (in, out), as transformers' Conv1D does."""
-    kinds = {type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets}
-    if len(kinds) > 1:
-        # TODO: peft 0.21 keeps one fan_in_fan_out per config, so targets of both layouts
-        # need two adapters; allow them once add_lora can create more than one.
-        raise NotImplementedError(
-            "targets mix transformers Conv1D layers with other layers; peft needs one weight layout per "
-            "adapter. Target only the Conv1D layers, or only the others."
-        )
-    return kinds == {True}
-
-
-def _norm_policies(model: nn.Module, saved: list[str], bn: str | None) -> dict[str, str]:
-    """Return the BatchNorm policy of every normalization layer with running statistics outside the saved modules."""
-    return {
-        name: bn if bn is not None else getattr(module, POLICY, "frozen")
-        for name, module in model.named_modules()
-        if has_running_stats(module) and not _under(name, saved)
-    }
-
-
-# --- injection and trainability -------------------------------------------------------------
-
-
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def _adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Return the adapter parameters (``lora_A``, ``lora_B``, DoRA magnitudes), found by module structure."""
-    found = []
-    for name, layer in _lora_layers(model):
-        for attribute in layer.adapter_layer_names:
-            container = getattr(layer, attribute, None)
-            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
-                found.extend(container.named_parameters(prefix=f"{name}.{attribute}"))
-    return found
-
-
-def _inject(model: nn.Module, state: _LoraState, *, trainable: bool) -> None:
-    """Inject the adapters that ``state`` describes, set what trains, and record ``state`` on the model."""
-    from peft import inject_adapter_in_model
-
-    config = _lora_config(dict(state.options), state.targets)
-    flags = [(p, p.requires_grad) for _, p in named_parameters_once(model)]
-    state.owns_peft_config = not hasattr(model, "peft_config")
-    try:
-        inject_adapter_in_model(config, model)
-    except Exception:
-        _remove_lora_layers(model, state)
-        for param, requires_grad in flags:
-            param.requires_grad_(requires_grad)
-        raise
-
-    _set_trainable(model, state, trainable=trainable)
-    setattr(model, _STATE, state)
-
-
-def _set_trainable(model: nn.Module, state: _LoraState, *, trainable: bool) -> None:
-    """Freeze the base weights and make the adapters and saved modules trainable (or freeze everything)."""
-    for name, policy in state.norm_policies.items():
-        setattr(model.get_submodule(name), POLICY, policy)
-
-    train_ids = {id(p) for _, p in _adapter_parameters(model)}
-    for name in state.modules_to_save:
-        train_ids.update(id(p) for p in model.get_submodule(name).parameters())
-    named = list(named_parameters_once(model))
-    base_ids = {id(p) for _, p in named if id(p) not in train_ids}
-    # The "train" policy keeps the affine parameters of the frozen normalization layers trainable.
-    train_ids.update(id(p) for p in set_policy(model, base_ids, None))
-
-    for _, param in named:
-        requires_grad = trainable and id(param) in train_ids
-        param.requires_grad_(requires_grad)
-        if not requires_grad:
-            param.grad = None
-    sync_norm_layers(model)
-
-
-def _remove_lora_layers(model: nn.Module, state: _LoraState | None) -> None:
-    """Put each LoRA layer's base layer back in its place, dropping the adapters and peft's config."""
-    for name, layer in _lora_layers(model):
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer.get_base_layer())
-    if state is not None and state.owns_peft_config and hasattr(model, "peft_config"):
-        delattr(model, "peft_config")
-
-
-# --- fingerprint ----------------------------------------------------------------------------
-
-
-def _plain_name(name: str) -> str:
-    """Return a parameter's name as it was before peft moved its layer under ``base_layer``."""
-    return _BASE_LAYER.sub("", name)
-
-
-def _fingerprint(model: nn.Module, state: _LoraState) -> str:
-    """Hash the base weights that the adapter file does not contain, cheaply.
-
-    Every such parameter's name, shape and dtype go in, and so do the values of a fixed
-    sample of tensors. NOTE: a sample detects another model or another pretrained
-    checkpoint, but can miss a base that differs in a few values only.
-    """
-    skip = state.modules_to_save + state.trained_norms
-    adapter_ids = {id(p) for _, p in _adapter_parameters(model)}
-    base = sorted(
-        ((_plain_name(n), p) for n, p in named_parameters_once(model) if id(p) not in adapter_ids),
-        key=lambda item: item[0],
-    )
-    base = [(n, p) for n, p in base if not _under(n, skip)]
-
-    digest = hashlib.sha256()
-    for name, param in base:
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}\n".encode())
-    if base:
-        count = min(_FINGERPRINT_TENSORS, len(base))
-        for index in _spread(len(base), count).tolist():
-            digest.update(_sample_bytes(base[index][1]))
-    return digest.hexdigest()
-
-
-def _sample_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:
-        return b""
-    positions = _spread(flat.numel(), _FINGERPRINT_VALUES).to(flat.device)
-    values = flat[positions].cpu().contiguous()
-    return values.view(torch.uint8).numpy().tobytes()
-
-
-def _spread(size: int, count: int) -> torch.Tensor:
-    """Return up to ``count`` evenly spaced indexes into ``range(size)``, first and last included."""
-    # Integer arithmetic, because float32 positions round past the last index above 2**24.
-    count = min(count, size)
-    return torch.arange(count, dtype=torch.int64) * (size - 1) // max(count - 1, 1)
-
-
-def _buffer_digests(model: nn.Module) -> dict[str, str]:
-    """Hash every persistent buffer in full, to find at save time the buffers that training changed."""
-    parameter_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return {
-        _plain_name(name): _tensor_digest(tensor)
-        for name, tensor in model.state_dict(keep_vars=True).items()
-        if name not in parameter_names
-    }
-
-
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    data = tensor.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(
-        f"{tuple(tensor.shape)}|{tensor.dtype}".encode() + data.view(torch.uint8).numpy().tobytes()
-    ).hexdigest()
-
-
 # --- merge ----------------------------------------------------------------------------------
 
 
@@ -805,16 +289,6 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
     return model
-
-
-def _require_lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
-    layers = _lora_layers(model)
-    if not layers:
-        raise ValueError(
-            f"{caller} found no LoRA layer in {type(model).__name__}. Add adapters with add_lora or "
-            "load_adapter; merge_lora(model) removes them unless keep_adapters=True."
-        )
-    return layers
 
 
 # --- save and load --------------------------------------------------------------------------
@@ -899,53 +373,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def _require_state(model: nn.Module, caller: str) -> _LoraState:
-    state = getattr(model, _STATE, None)
-    if not isinstance(state, _LoraState) or not _lora_layers(model):
-        raise ValueError(
-            f"{caller} needs a model with adapters from finetunekit's add_lora or load_adapter; "
-            f"{type(model).__name__} has none."
-        )
-    return state
-
-
-def _check_untracked_training(model: nn.Module, state: _LoraState) -> None:
-    saved = state.modules_to_save + state.trained_norms
-    adapter_ids = {id(p) for _, p in _adapter_parameters(model)}
-    untracked = [
-        n
-        for n, p in named_parameters_once(model)
-        if p.requires_grad and id(p) not in adapter_ids and not _under(_plain_name(n), saved)
-    ]
-    if untracked:
-        raise ValueError(
-            f"{len(untracked)} trainable parameters are neither adapters nor in saved modules, so save_adapter "
-            f"would lose their training: {untracked[:5]}. Freeze them, or name their modules in "
-            "add_lora(modules_to_save=...)."
-        )
-
-
-def _tensors_to_save(model: nn.Module, state: _LoraState) -> dict[str, torch.Tensor]:
-    whole = model.state_dict()
-    keep = {name for name, _ in _adapter_parameters(model)}
-    keep.update(
-        n
-        for n in whole
-        if _under(
-            _plain_name(n).rpartition(".")[0],
-            state.modules_to_save + state.trained_norms,
-        )
-    )
-    parameter_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    for name, tensor in whole.items():
-        if name in parameter_names or name in keep:
-            continue
-        if state.buffer_digests.get(_plain_name(name)) != _tensor_digest(tensor):
-            keep.add(name)
-    # safetensors rejects tensors that share memory, so each one is copied.
-    return {name: whole[name].detach().clone().contiguous() for name in whole if name in keep}
-
-
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = False) -> nn.Module:
     """Add the adapters saved in the folder ``path`` to ``model``, in place.
 
@@ -1016,32 +443,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, trainable: b
         type(model).__name__,
     )
     return model
-
-
-def _check_base(model: nn.Module, state: _LoraState, config: dict[str, Any]) -> None:
-    modules = {n for n, _ in model.named_modules()}
-    missing = [n for n in state.targets + state.modules_to_save + list(state.norm_policies) if n not in modules]
-    if missing or _fingerprint(model, state) != state.fingerprint:
-        detail = f" It lacks the modules {missing[:3]}." if missing else ""
-        raise ValueError(
-            f"This adapter was trained on a different base model than this {type(model).__name__} "
-            f"(the adapter's base was a {config.get('model_class')}, and the base weights' fingerprints differ).{detail} "
-            "Load the same pretrained weights the adapter was trained on, with the same head shape."
-        )
-
-
-def _check_shapes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    expected = {_plain_name(n): t for n, t in model.state_dict().items()}
-    wrong = []
-    for name, tensor in tensors.items():
-        target = expected.get(_plain_name(name))
-        if target is not None and target.shape != tensor.shape:
-            wrong.append(f"{name}: file {tuple(tensor.shape)}, model {tuple(target.shape)}")
-    if wrong:
-        raise ValueError(
-            f"Saved tensors do not fit {type(model).__name__}: {wrong[:3]}. If the head differs, call "
-            "replace_head(model, num_classes) with the trained class count before load_adapter."
-        )
 
 
 # --- fitting the other building blocks -------------------------------------------------------
