@@ -20,7 +20,7 @@ test: install-dev fashion-mnist docs
 # an API reference entry that does not resolve fails the build.
 docs: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[docs]"
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
