@@ -16,7 +16,7 @@ memory each run adds over the memory it had before its loop (``ru_maxrss``), so 
 covers CPU memory only.
 
 Run:
-    python benchmarks/frozen_backbone.py [--steps 20] [--rounds 3] [--image-size 64]
+    python benchmarks/frozen_backbone.py [--steps 20] [--rounds 3] [--image-size 64] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each variant")
     parser.add_argument("--image-size", type=int, default=64, help="side of the random images in pixels")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--skip-memory", action="store_true", help="run part 1 only")
     parser.add_argument("--memory-child", choices=["plain", "trainer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -124,6 +125,8 @@ def main() -> None:
     print(f"  BatchNorm weights trainable       : {bn_trainable * 1000:.1f} ms/step (median of {args.rounds})")
     print(f"  ratio frozen / BatchNorm trainable: {frozen / bn_trainable:.3f}")
 
+    if args.skip_memory:
+        return
     peaks = measure_peak_memory(args)
     plain, trainer = statistics.median(peaks["plain"]), statistics.median(peaks["trainer"])
     print("part 2: peak resident memory added by the two-phase run")
