@@ -338,3 +338,22 @@ def test_cache_sees_phase_start_callbacks():
     ).fit()
 
     assert_same_run(cached, plain, cached_model, plain_model)
+
+
+def test_cache_follows_global_rng_shuffle():
+    images = torch.randn(96, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(96) % 10
+    histories, models = [], []
+    for mode in ("auto", False):
+        torch.manual_seed(0)
+        model = small_cnn()
+        # No generator: the loader shuffles with the global generator, as the head's dropout would.
+        train = DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=True)
+        val = DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=32)
+        trainer = ftk.Trainer(
+            model, [ftk.Phase(3, train_groups=1, lr=1e-2)], train, val, progress=False, cache_features=mode
+        )
+        histories.append(trainer.fit())
+        models.append(model)
+
+    assert_same_run(histories[0], histories[1], models[0], models[1])
