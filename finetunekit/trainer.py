@@ -482,15 +482,7 @@ class Trainer:
         assert self.optimizer is not None
         self.model.train()
         if self._cache_due:
-            self._cache = build_feature_cache(
-                self.model,
-                self.train_data,
-                self.val_data,
-                mode=self.cache_features,
-                device=self.device,
-                autocast=lambda: autocast(self.precision, self.device),
-            )
-            self._cache_due = False
+            self._fill_cache()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         metric_name, metric = next(iter(self.metrics.items()), (None, None))
         total_loss, total_metric, total_count = 0.0, 0.0, 0
@@ -535,6 +527,17 @@ class Trainer:
         if total_count == 0:
             raise ValueError("train_data yielded no batches.")
         return total_loss / total_count
+
+    def _fill_cache(self) -> None:
+        self._cache = build_feature_cache(
+            self.model,
+            self.train_data,
+            self.val_data,
+            mode=self.cache_features,
+            device=self.device,
+            autocast=lambda: autocast(self.precision, self.device),
+        )
+        self._cache_due = False
 
     def _step(self, loss: torch.Tensor, trainable: list[nn.Parameter]) -> None:
         assert self.optimizer is not None
