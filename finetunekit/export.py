@@ -40,7 +40,9 @@ def export_model(
     """Write ``model`` to the directory ``path`` for inference without finetunekit.
 
     The exported model is in eval mode, has its LoRA adapters merged into the base
-    weights (through :func:`finetunekit.lora.merge_lora`), and carries none of the
+    weights (through :func:`finetunekit.lora.merge_lora`, or ``merge_and_unload`` for a
+    ``PeftModel`` from ``peft.get_peft_model``, which is replaced by its base model), and
+    carries none of the
     forward pre-hooks and attributes with which finetunekit keeps frozen BatchNorm layers
     in eval mode. The files written are:
 
@@ -97,6 +99,10 @@ def export_model(
         )
 
     exported = model if inplace else copy.deepcopy(model)
+    if type(exported).__module__.startswith("peft.") and hasattr(exported, "merge_and_unload"):
+        # A PeftModel from peft.get_peft_model: its save_pretrained would write the adapters only.
+        exported = exported.merge_and_unload()
+        is_hf = hasattr(exported, "save_pretrained") and hasattr(exported, "config")
     _merge_adapters(exported)
     removed = _remove_norm_locks(exported)
     exported.eval()

@@ -174,3 +174,22 @@ def test_export_rejects_file_path(tuned_resnet, tmp_path):
 def test_export_rejects_list_example_input(tuned_resnet, tmp_path):
     with pytest.raises(TypeError, match="example_input is a list; pass a tensor, a tuple"):
         export_model(tuned_resnet, tmp_path, example_input=[torch.randn(1, 3, 32, 32)])
+
+
+def test_export_unwraps_peft_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    model = peft.get_peft_model(make_bert(), peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    inputs = bert_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+
+    exported = export_model(model, tmp_path)
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+
+    assert type(exported) is BertForSequenceClassification
+    torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
