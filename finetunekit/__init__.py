@@ -17,9 +17,12 @@ from .errors import (
     NoMatchingTargetError,
     NoParametersError,
 )
+from .export import export_model
+from .feature_cache import CacheMode, FeatureCache, build_feature_cache
 from .freezing import FreezeSummary, Target, freeze, freeze_to, frozen, unfreeze
 from .groups import LayerGroup, Split, layer_groups
 from .heads import TokenPooler, find_head, replace_head
+from .hf_callback import PhaseScheduleCallback
 from .history import History
 from .lora import (
     LoraTarget,
@@ -54,9 +57,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitFit",
+    "CacheMode",
     "Callback",
     "CheckpointMismatchError",
     "EarlyStopping",
+    "FeatureCache",
     "FeatureExtraction",
     "FinetuneKitError",
     "FinetuneKitWarning",
@@ -76,6 +81,7 @@ __all__ = [
     "ParamGroup",
     "PartialFineTuning",
     "Phase",
+    "PhaseScheduleCallback",
     "ProgressiveFreezing",
     "ReinitializeTop",
     "Report",
@@ -86,9 +92,11 @@ __all__ = [
     "Trainer",
     "accuracy",
     "add_lora",
+    "build_feature_cache",
     "check_optimizer",
     "describe",
     "enable_gradient_checkpointing",
+    "export_model",
     "find_head",
     "freeze",
     "freeze_to",

@@ -36,9 +36,7 @@ PAGES = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").rgl
 
 # TODO: pages whose samples fail at present; their owners are changing them. Each is a strict
 # expected failure, so the test fails as soon as the page passes: delete its entry then.
-KNOWN_FAILURES = {
-    "docs/trainer.md": "the first example's printed losses and log lines differ from the current Trainer",
-}
+KNOWN_FAILURES = {}
 
 SAMPLE_FILE = "example.py"
 _FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
@@ -219,10 +217,12 @@ def test_page_samples(page, tmp_path, monkeypatch):
 
     namespace: dict = {"__name__": "__main__"}
     terminal = io.StringIO()
-    with reader_terminal(terminal):
-        for sample in samples:
-            if sample.skip:
-                continue
+    # Blocks share one namespace, as in one notebook, but logging and warning settings reset
+    # between blocks, as when each block runs as its own script.
+    for sample in samples:
+        if sample.skip:
+            continue
+        with reader_terminal(terminal):
             where = f"{page}:{sample.line}"
             # Each block runs as if saved as example.py and run with `python example.py`, which
             # is the file name that warnings and tracebacks show.
