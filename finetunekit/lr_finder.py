@@ -232,7 +232,7 @@ def _suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     start = len(lrs) // 10
     if lowest - start < 2:
         warnings.warn(
-            f"lr_find: the loss fell for only {lowest - start + 1} steps, too few to suggest a rate. "
+            f"lr_find: the smoothed loss fell over {lowest - start + 1} step(s) only, too few to suggest a rate. "
             "Lower start_lr or raise num_steps.",
             FinetuneKitWarning,
             stacklevel=4,

@@ -74,7 +74,9 @@ class Report:
         has_optimizer: Whether an optimizer was described along with the model.
         missing_from_optimizer: Names of trainable parameters that are not in the
             optimizer, so they never change during training. Empty without an optimizer.
-        frozen_in_optimizer: Names of frozen parameters that are in the optimizer.
+        frozen_in_optimizer: Names of frozen parameters that are in the optimizer. Not a
+            warning: the stable layout of ``param_groups(..., include_frozen=True)`` puts
+            them there on purpose, and they stay fixed while their ``.grad`` is ``None``.
         num_foreign_tensors: Number of tensors in the optimizer that are not
             parameters of the model, such as the old head after ``replace_head``.
         duplicated_in_optimizer: Names of parameters in more than one param group.
@@ -113,14 +115,8 @@ class Report:
             found.append(
                 f"{len(self.missing_from_optimizer)} trainable parameters are not in the optimizer, so they "
                 f"will not train: {_shorten(self.missing_from_optimizer, _MAX_WARNING_NAMES)}. "
-                "Build the optimizer after the last freeze or unfreeze, or add them with "
-                "optimizer.add_param_group()."
-            )
-        if self.frozen_in_optimizer:
-            found.append(
-                f"{len(self.frozen_in_optimizer)} frozen parameters are in the optimizer: "
-                f"{_shorten(self.frozen_in_optimizer, _MAX_WARNING_NAMES)}. They stay fixed while frozen "
-                "because their .grad is None, and train at the optimizer's rates once unfrozen."
+                "Build the optimizer after the last freeze or unfreeze, pass optimizer= to "
+                "finetunekit.unfreeze, or use param_groups(..., include_frozen=True)."
             )
         if self.duplicated_in_optimizer:
             found.append(
@@ -277,7 +273,7 @@ def describe(
         )
 
     logger.info(
-        "described %s: %d layer groups, %s of %s parameter values trainable, %d warnings",
+        "described %s: %d layer groups, %s of %s parameter values trainable, warnings: %d",
         report.model_name,
         len(rows),
         f"{report.num_trainable:,}",
