@@ -184,7 +184,7 @@ def _select_name(model: nn.Module, target: str, modules: dict[str, nn.Module], s
     if not matched:
         raise NoMatchingTargetError(
             f"LoRA target {target!r} matched no module of {type(model).__name__}."
-            f"{format_suggestions(close_matches(target, modules))} "
+            f"{format_suggestions(close_matches(target, _with_short_names(modules)))} "
             "Check the names with [n for n, _ in model.named_modules()]."
         )
     clash = [n for n in matched if _under(n, saved)]
@@ -297,3 +297,9 @@ def _norm_policies(model: nn.Module, saved: list[str], bn: str | None) -> dict[s
         for name, module in model.named_modules()
         if has_running_stats(module) and not _under(name, saved)
     }
+
+
+def _with_short_names(names: Sequence[str] | dict[str, nn.Module]) -> list[str]:
+    """Return the names followed by their last components, which plain LoRA targets such as ``"query"`` match."""
+    full = list(names)
+    return full + sorted({name.rpartition(".")[2] for name in full if name})

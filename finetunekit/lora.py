@@ -351,6 +351,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "modules_to_save": state.modules_to_save,
         "norm_policies": state.norm_policies,
         "base_fingerprint": state.fingerprint,
+        "token_pooling": _token_pooling(model),
     }
     try:
         text = json.dumps(config, indent=2)
@@ -426,6 +427,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, trainable: b
         norm_policies=config["norm_policies"],
         fingerprint=config["base_fingerprint"],
     )
+    _check_pooling(model, config.get("token_pooling", {}))
     _check_base(model, state, config)
     tensors = load_file(str(folder / ADAPTER_FILE))
     _check_shapes(model, tensors)
@@ -559,3 +561,28 @@ def _lora_role(param_name: str) -> Literal["A", "B"] | None:
     if _B_SEGMENTS.intersection(segments):
         return "B"
     return None
+
+
+def _token_pooling(model: nn.Module) -> dict[str, str]:
+    """Return the pooling mode of each TokenPooler that ``replace_head(pooling=...)`` installed, by module name."""
+    from .heads import TokenPooler
+
+    return {name: module.mode for name, module in model.named_modules() if isinstance(module, TokenPooler)}
+
+
+def _check_pooling(model: nn.Module, expected: dict[str, str]) -> None:
+    found = _token_pooling(model)
+    if found == expected:
+        return
+    if expected:
+        name, mode = next(iter(expected.items()))
+        raise ValueError(
+            f"This adapter was trained after replace_head(..., pooling={mode!r}), which put a TokenPooler at "
+            f"{name!r}, but this {type(model).__name__} has "
+            f"{'pooling ' + repr(found) if found else 'its original pooler'} there. Call "
+            f"finetunekit.replace_head(model, num_classes, pooling={mode!r}) before load_adapter."
+        )
+    raise ValueError(
+        f"This {type(model).__name__} has a TokenPooler at {sorted(found)}, but the adapter was trained with the "
+        "model's original pooler. Load it into a model whose head was replaced without pooling=."
+    )

@@ -784,3 +784,28 @@ def test_lora_role_covers_every_adapter_matrix():
 
     assert roles.count("A") == roles.count("B") == 3 * 6 + 1
     assert roles.count(None) == 2
+
+
+def test_load_adapter_names_a_forgotten_pooling(tmp_path):
+    def base():
+        torch.manual_seed(0)
+        return make_bert()
+
+    model = base()
+    ftk.replace_head(model, 3, pooling="mean")
+    add_lora(model, r=4)
+    save_adapter(model, tmp_path)
+
+    fresh = base()
+    ftk.replace_head(fresh, 3)  # pooling="mean" forgotten
+    with pytest.raises(
+        ValueError,
+        match=r"pooling='mean'.*'bert.pooler'.*original pooler.*replace_head\(model, num_classes, pooling='mean'\)",
+    ):
+        load_adapter(fresh, tmp_path)
+    assert not any(".lora_" in name for name, _ in fresh.named_parameters())
+
+
+def test_misspelled_target_suggests_the_short_name():
+    with pytest.raises(ftk.NoMatchingTargetError, match=r"'querry' matched no module.*Did you mean 'query'\?"):
+        add_lora(make_bert(), targets=["querry"])
