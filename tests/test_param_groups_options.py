@@ -206,6 +206,8 @@ def test_tied_lm_head_in_one_group():
     [
         lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9**step),
         lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 6], gamma=0.3),
+        lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
         lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12),
         lambda opt: torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=20
@@ -217,6 +219,8 @@ def test_tied_lm_head_in_one_group():
     ids=[
         "LambdaLR",
         "StepLR",
+        "MultiStepLR",
+        "ExponentialLR",
         "CosineAnnealingLR",
         "OneCycleLR",
         "warmup",
