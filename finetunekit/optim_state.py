@@ -110,8 +110,8 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optim
 
 
 def _first_names(names: tuple[str, ...], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} +{len(names) - limit} more"
+    listed = ", ".join(names[:limit])
+    return listed if len(names) <= limit else f"{listed} +{len(names) - limit} more"
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def load_optimizer_state_dict(
 ) -> None:
     """Load state saved by :func:`optimizer_state_dict`, matching parameters by name.
 
-    Each parameter in ``optimizer`` gets the state saved under its own name; one with no
+    Each parameter in ``optimizer`` gets the state saved under its own name. One with no
     saved state (for example, frozen when the state was saved) starts fresh. A param
     group's settings (``lr``, ``initial_lr``, ``weight_decay``, ...) are restored when all
     of its saved parameters came from one saved group; otherwise the group keeps the

@@ -29,9 +29,9 @@ def warmup_schedule(
     """Warm up linearly from zero, then decay each group's rate to a fraction of itself.
 
     The schedule most transformer fine-tuning recipes use. During the first
-    ``warmup_steps`` steps every group's rate rises linearly from zero to its own rate;
-    over the remaining steps it falls to ``final_ratio`` times that rate, along a half
-    cosine or a straight line, and stays there after ``total_steps``.
+    ``warmup_steps`` steps every group's rate rises linearly from zero to its own rate.
+    Over the remaining steps it falls to ``final_ratio`` times that rate, along a half
+    cosine or a straight line, and it stays there after ``total_steps``.
 
     Args:
         optimizer: The optimizer whose groups to schedule. Its groups' rates are the peaks.
