@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -38,3 +38,10 @@ def format_suggestions(names: list[str]) -> str:
 def join_name(prefix: str, name: str) -> str:
     """Join a parent's qualified name and a child's name as ``named_modules`` does."""
     return f"{prefix}.{name}" if prefix else name
+
+
+def shorten_names(names: Sequence[str], limit: int) -> str:
+    """Join up to ``limit`` names with commas, counting the rest as ``+N more``."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f" +{len(names) - limit} more"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import close_matches, format_suggestions, named_parameters_once
+from ._utils import close_matches, format_suggestions, named_parameters_once, shorten_names
 
 __all__ = ["OptimizerCheck", "check_optimizer", "load_optimizer_state_dict", "optimizer_state_dict"]
 
@@ -19,11 +19,13 @@ logger = logging.getLogger(__name__)
 _FORMAT = "finetunekit.optimizer/1"
 # State entries that are counters rather than per-element tensors, so their shape is not checked.
 _SCALAR_KEYS = frozenset({"step"})
+# Parameter names listed in one problem sentence before the rest is counted.
+_MAX_NAMES_SHOWN = 5
 
 
 @dataclass(frozen=True)
 class OptimizerCheck:
-    """What :func:`check_optimizer` found wrong between a model and its optimizer.
+    """Problems that :func:`check_optimizer` found between a model and its optimizer.
 
     Attributes:
         missing: Names of trainable parameters that are in no param group, so they never change.
@@ -52,19 +54,19 @@ class OptimizerCheck:
         if self.missing:
             found.append(
                 f"{len(self.missing)} trainable parameters are in no param group, so they will not train: "
-                f"{_first_names(self.missing)}. Build the optimizer after the last freeze or unfreeze, pass "
-                "optimizer= to finetunekit.unfreeze, or use param_groups(..., include_frozen=True)."
+                f"{shorten_names(self.missing, _MAX_NAMES_SHOWN)}. Build the optimizer after the last freeze or "
+                "unfreeze, pass optimizer= to finetunekit.unfreeze, or use param_groups(..., include_frozen=True)."
             )
         if self.duplicated:
             found.append(
                 f"{len(self.duplicated)} parameters are in more than one param group, so each step updates "
-                f"them more than once: {_first_names(self.duplicated)}. Build the groups with "
+                f"them more than once: {shorten_names(self.duplicated, _MAX_NAMES_SHOWN)}. Build the groups with "
                 "finetunekit.param_groups, which puts each parameter in exactly one."
             )
         if self.frozen_with_state:
             found.append(
                 f"{len(self.frozen_with_state)} frozen parameters still have optimizer state: "
-                f"{_first_names(self.frozen_with_state)}. They resume with it if unfrozen; pass "
+                f"{shorten_names(self.frozen_with_state, _MAX_NAMES_SHOWN)}. They resume with it if unfrozen; pass "
                 "keep_state=False to finetunekit.unfreeze to start them fresh."
             )
         if self.num_foreign_tensors:
@@ -107,11 +109,6 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optim
         frozen_with_state=tuple(name for name, p in named if not p.requires_grad and state.get(p)),
         num_foreign_tensors=len(count.keys() - {id(p) for _, p in named}),
     )
-
-
-def _first_names(names: tuple[str, ...], limit: int = 5) -> str:
-    listed = ", ".join(names[:limit])
-    return listed if len(names) <= limit else f"{listed} +{len(names) - limit} more"
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -162,7 +159,7 @@ def load_optimizer_state_dict(
     Each parameter in ``optimizer`` gets the state saved under its own name. One with no
     saved state (for example, frozen when the state was saved) starts fresh. A param
     group's settings (``lr``, ``initial_lr``, ``weight_decay``, ...) are restored when all
-    of its saved parameters came from one saved group; otherwise the group keeps the
+    of its saved parameters came from one saved group. Otherwise the group keeps the
     settings it was built with. State tensors are cast to each parameter's dtype and
     device, as ``optimizer.load_state_dict`` does. ``optimizer`` is changed in place, and
     only after every check passes.

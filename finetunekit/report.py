@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ._norms import FROZEN_STATS
-from ._utils import named_parameters_once
+from ._utils import named_parameters_once, shorten_names
 from .groups import LayerGroup, resolve_groups
 from .optim_state import check_optimizer
 
@@ -114,20 +114,20 @@ class Report:
         if self.missing_from_optimizer:
             found.append(
                 f"{len(self.missing_from_optimizer)} trainable parameters are not in the optimizer, so they "
-                f"will not train: {_shorten(self.missing_from_optimizer, _MAX_WARNING_NAMES)}. "
+                f"will not train: {shorten_names(self.missing_from_optimizer, _MAX_WARNING_NAMES)}. "
                 "Build the optimizer after the last freeze or unfreeze, pass optimizer= to "
                 "finetunekit.unfreeze, or use param_groups(..., include_frozen=True)."
             )
         if self.duplicated_in_optimizer:
             found.append(
                 f"{len(self.duplicated_in_optimizer)} parameters are in more than one param group, so each "
-                f"step updates them more than once: {_shorten(self.duplicated_in_optimizer, _MAX_WARNING_NAMES)}. "
+                f"step updates them more than once: {shorten_names(self.duplicated_in_optimizer, _MAX_WARNING_NAMES)}. "
                 "Build the groups with finetunekit.param_groups, which puts each parameter in exactly one."
             )
         if self.frozen_with_state:
             found.append(
                 f"{len(self.frozen_with_state)} frozen parameters still have optimizer state: "
-                f"{_shorten(self.frozen_with_state, _MAX_WARNING_NAMES)}. They resume with it if unfrozen."
+                f"{shorten_names(self.frozen_with_state, _MAX_WARNING_NAMES)}. They resume with it if unfrozen."
             )
         if self.num_foreign_tensors:
             found.append(
@@ -186,11 +186,11 @@ class Report:
         cells = [
             str(row.index),
             row.name,
-            _shorten(row.modules, _MAX_MODULES_SHOWN),
+            shorten_names(row.modules, _MAX_MODULES_SHOWN),
             f"{row.num_params:,}",
             f"{row.num_trainable:,}",
-            _shorten(row.locked_norms, _MAX_NAMES_SHOWN),
-            _shorten(row.tied, _MAX_NAMES_SHOWN),
+            shorten_names(row.locked_norms, _MAX_NAMES_SHOWN),
+            shorten_names(row.tied, _MAX_NAMES_SHOWN),
             "yes" if row.is_head else "",
         ]
         if self.has_optimizer:
@@ -259,15 +259,14 @@ def describe(
     if settings is None:
         report = Report(type(model).__name__, rows)
     else:
-        missing, frozen, foreign = _optimizer_coverage(model, settings)
         check = check_optimizer(model, optimizer)
         report = Report(
             type(model).__name__,
             rows,
             has_optimizer=True,
-            missing_from_optimizer=missing,
-            frozen_in_optimizer=frozen,
-            num_foreign_tensors=foreign,
+            missing_from_optimizer=check.missing,
+            frozen_in_optimizer=_frozen_in_optimizer(model, settings),
+            num_foreign_tensors=check.num_foreign_tensors,
             duplicated_in_optimizer=check.duplicated,
             frozen_with_state=check.frozen_with_state,
         )
@@ -378,19 +377,9 @@ def _nearest_listed(name: str, group_of_module: dict[str, int]) -> int | None:
         name = name.rpartition(".")[0]
 
 
-def _optimizer_coverage(model: nn.Module, settings: _Settings) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-    """Return the trainable parameters missing from the optimizer, the frozen ones in it, and the foreign count."""
-    named = list(named_parameters_once(model))
-    missing = tuple(name for name, p in named if p.requires_grad and id(p) not in settings)
-    frozen = tuple(name for name, p in named if not p.requires_grad and id(p) in settings)
-    foreign = len(settings.keys() - {id(p) for _, p in named})
-    return missing, frozen, foreign
-
-
-def _shorten(names: Sequence[str], limit: int) -> str:
-    if len(names) <= limit:
-        return ", ".join(names)
-    return ", ".join(names[:limit]) + f" +{len(names) - limit} more"
+def _frozen_in_optimizer(model: nn.Module, settings: _Settings) -> tuple[str, ...]:
+    """Return the names of frozen parameters that some param group contains."""
+    return tuple(name for name, p in named_parameters_once(model) if not p.requires_grad and id(p) in settings)
 
 
 def _format_numbers(values: Sequence[float | None]) -> str:
