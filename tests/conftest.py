@@ -7,6 +7,20 @@ import torch
 import torchvision
 from torch import nn
 
+RESNET18_GROUPS = [
+    "stem",
+    "layer1.0",
+    "layer1.1",
+    "layer2.0",
+    "layer2.1",
+    "layer3.0",
+    "layer3.1",
+    "layer4.0",
+    "layer4.1",
+    "fc",
+]
+"""The layer groups that ``layer_groups`` finds in torchvision's ResNet-18, in order."""
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torchvision
-from conftest import make_bert
+from conftest import RESNET18_GROUPS, make_bert
 from torch import nn
 
 import finetunekit as ftk
@@ -17,18 +17,7 @@ def assert_each_parameter_once(model: nn.Module, groups: list[ftk.LayerGroup]) -
 def test_resnet_groups_are_stem_blocks_head(resnet):
     names = [g.name for g in ftk.layer_groups(resnet)]
 
-    assert names == [
-        "stem",
-        "layer1.0",
-        "layer1.1",
-        "layer2.0",
-        "layer2.1",
-        "layer3.0",
-        "layer3.1",
-        "layer4.0",
-        "layer4.1",
-        "fc",
-    ]
+    assert names == RESNET18_GROUPS
 
 
 def test_resnet_group_holds_its_modules_parameters(resnet):

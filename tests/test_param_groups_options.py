@@ -7,23 +7,10 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import make_bert
+from conftest import RESNET18_GROUPS, make_bert
 from torch import nn
 
 import finetunekit as ftk
-
-RESNET_GROUPS = [
-    "stem",
-    "layer1.0",
-    "layer1.1",
-    "layer2.0",
-    "layer2.1",
-    "layer3.0",
-    "layer3.1",
-    "layer4.0",
-    "layer4.1",
-    "fc",
-]
 
 
 def make_llama(tied: bool = False) -> nn.Module:
@@ -53,7 +40,7 @@ def rates(groups) -> dict[str, float]:
 def test_layer_decay_gives_head_lr_and_powers_below(resnet):
     groups = ftk.param_groups(resnet, lr=1e-3, layer_decay=0.5, merge=False)
 
-    expected = {name: 1e-3 * 0.5 ** (9 - i) for i, name in enumerate(RESNET_GROUPS)}
+    expected = {name: 1e-3 * 0.5 ** (9 - i) for i, name in enumerate(RESNET18_GROUPS)}
     assert rates(groups) == pytest.approx(expected, rel=1e-12)
     assert all(g["initial_lr"] == g["lr"] for g in groups)
 
@@ -119,7 +106,7 @@ def test_equal_rates_merge(resnet):
         ("stem..fc", False),
         ("stem..fc", True),
     ]
-    assert groups[0]["layer_groups"] == RESNET_GROUPS
+    assert groups[0]["layer_groups"] == RESNET18_GROUPS
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(resnet.parameters()))
 
 
