@@ -9,9 +9,11 @@ heads. Models of the 70B width with fewer layers show how the cost grows with de
 For each model the script reports the median time of ``finetunekit.layer_groups(model)``
 and ``finetunekit.describe(model)`` over several runs, and the same for a baseline that
 sums ``numel()`` over ``model.named_parameters()`` once, with the ratio to that baseline.
-Memory comes from separate calls: the tracemalloc peak (Python allocations only) and the
-growth of the peak resident set size from ``resource.getrusage``. The peak is reset
-through ``/proc/self/clear_refs`` before each call where Linux allows it.
+The timed calls of the three functions alternate, so load on a shared machine hits all
+three alike. Memory comes from separate calls: the tracemalloc peak (Python allocations
+only) and the growth of the peak resident set size from ``resource.getrusage``. The peak
+is reset through ``/proc/self/clear_refs`` before each call where Linux allows it.
+``measure_models`` returns these figures to ``benchmarks/overhead.py``.
 
 Run:
     python benchmarks/groups_scaling.py [--repeats 5] [--layers 10 20 40] [--profile]
@@ -54,6 +56,21 @@ class Measurement:
     rss_growth_mb: float | None
 
 
+@dataclass
+class ModelResult:
+    """One model's size and the measurements of each timed function, by name."""
+
+    label: str
+    num_layers: int
+    num_params: int
+    num_groups: int
+    measurements: dict[str, Measurement]
+
+    def ratio(self, name: str) -> float:
+        """Median time of the function ``name`` over the median time of the baseline."""
+        return self.measurements[name].seconds / self.measurements["baseline"].seconds
+
+
 def build_llama(shape: dict[str, int], num_layers: int) -> nn.Module:
     config = LlamaConfig(**shape, num_hidden_layers=num_layers)
     with torch.device("meta"):
@@ -63,6 +80,14 @@ def build_llama(shape: dict[str, int], num_layers: int) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Sum ``numel()`` over one pass of ``named_parameters()``, as a hand-written summary would."""
     return sum(param.numel() for _, param in model.named_parameters())
+
+
+# The timed functions, baseline first.
+FUNCTIONS: dict[str, Callable[[nn.Module], Any]] = {
+    "baseline": count_parameters,
+    "layer_groups": ftk.layer_groups,
+    "describe": ftk.describe,
+}
 
 
 def reset_peak_rss() -> bool:
@@ -83,8 +108,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(function: Callable[[nn.Module], Any], model: nn.Module, repeats: int) -> Measurement:
-    """Measure memory on a first call, then the median time of ``repeats`` further calls."""
+def measure_memory(function: Callable[[nn.Module], Any], model: nn.Module) -> tuple[float, float | None]:
+    """Return the tracemalloc peak and the peak RSS growth in MB, each from its own call.
+
+    The RSS growth is None where the peak cannot be reset.
+    """
     gc.collect()
     can_reset = reset_peak_rss()
     rss_before = peak_rss_mb()
@@ -96,13 +124,45 @@ def measure(function: Callable[[nn.Module], Any], model: nn.Module, repeats: int
     function(model)
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    return traced_peak / 2**20, rss_growth
 
-    times = []
+
+def measure(functions: dict[str, Callable[[nn.Module], Any]], model: nn.Module, repeats: int) -> dict[str, Measurement]:
+    """Measure memory of each function, then time ``repeats`` rounds in which each function runs once."""
+    memory = {name: measure_memory(function, model) for name, function in functions.items()}
+
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        function(model)
-        times.append(time.perf_counter() - start)
-    return Measurement(statistics.median(times), traced_peak / 2**20, rss_growth)
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function(model)
+            times[name].append(time.perf_counter() - start)
+    return {name: Measurement(statistics.median(times[name]), *memory[name]) for name in functions}
+
+
+def measure_models(models: list[tuple[str, dict[str, int], int]], repeats: int) -> dict[str, ModelResult]:
+    """Build each ``(label, shape, num_layers)`` model on the meta device and measure the three functions on it."""
+    results = {}
+    for label, shape, num_layers in models:
+        model = build_llama(shape, num_layers)
+        results[label] = ModelResult(
+            label=label,
+            num_layers=num_layers,
+            num_params=count_parameters(model),
+            num_groups=len(ftk.layer_groups(model)),
+            measurements=measure(FUNCTIONS, model, repeats),
+        )
+        del model
+        gc.collect()
+    return results
+
+
+def check_target(result: ModelResult) -> tuple[bool, float, float]:
+    """Return whether ``result`` meets the 70B target, its slowest median call in s and largest memory figure in MB."""
+    calls = [result.measurements["layer_groups"], result.measurements["describe"]]
+    worst_seconds = max(call.seconds for call in calls)
+    worst_mb = max(max(call.tracemalloc_mb, call.rss_growth_mb or 0.0) for call in calls)
+    return worst_seconds < MAX_SECONDS and worst_mb < MAX_MEGABYTES, worst_seconds, worst_mb
 
 
 def profile(function: Callable[[nn.Module], Any], model: nn.Module, top: int = 15) -> None:
@@ -127,8 +187,6 @@ def main() -> None:
     args = parser.parse_args()
 
     models = [("7B", SHAPE_7B, 32)] + [(f"70B-{n}", SHAPE_70B, n) for n in args.layers] + [("70B", SHAPE_70B, 80)]
-    functions = {"baseline": count_parameters, "layer_groups": ftk.layer_groups, "describe": ftk.describe}
-
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, finetunekit {ftk.__version__}, "
         f"{torch.get_num_threads()} threads, median of {args.repeats} calls, "
@@ -141,35 +199,20 @@ def main() -> None:
     )
     print(header)
 
-    results: dict[str, dict[str, Measurement]] = {}
-    for label, shape, num_layers in models:
-        model = build_llama(shape, num_layers)
-        num_params = count_parameters(model)
-        num_groups = len(ftk.layer_groups(model))
-        result = {name: measure(function, model, args.repeats) for name, function in functions.items()}
-        results[label] = result
-        base, groups, report = result["baseline"], result["layer_groups"], result["describe"]
+    results = measure_models(models, args.repeats)
+    for label, result in results.items():
+        base, groups, report = (result.measurements[name] for name in FUNCTIONS)
         print(
-            f"{label:<8} {num_layers:>6} {num_params:>14,} {num_groups:>6}  "
+            f"{label:<8} {result.num_layers:>6} {result.num_params:>14,} {result.num_groups:>6}  "
             f"{base.seconds * 1e3:>11.2f} {groups.seconds * 1e3:>9.2f} {report.seconds * 1e3:>11.2f} "
-            f"{groups.seconds / base.seconds:>12.1f} {report.seconds / base.seconds:>14.1f}  "
+            f"{result.ratio('layer_groups'):>12.1f} {result.ratio('describe'):>14.1f}  "
             f"{groups.tracemalloc_mb:>15.2f} {report.tracemalloc_mb:>17.2f} "
             f"{format_rss(groups.rss_growth_mb):>14} {format_rss(report.rss_growth_mb):>16}"
         )
-        del model
-        gc.collect()
 
-    largest = results["70B"]
-    worst_seconds = max(largest["layer_groups"].seconds, largest["describe"].seconds)
-    worst_mb = max(
-        largest["describe"].tracemalloc_mb,
-        largest["describe"].rss_growth_mb or 0.0,
-        largest["layer_groups"].tracemalloc_mb,
-        largest["layer_groups"].rss_growth_mb or 0.0,
-    )
-    verdict = "met" if worst_seconds < MAX_SECONDS and worst_mb < MAX_MEGABYTES else "MISSED"
+    met, worst_seconds, worst_mb = check_target(results["70B"])
     print(
-        f"70B target (< {MAX_SECONDS:g} s, < {MAX_MEGABYTES:g} MB): {verdict}, "
+        f"70B target (< {MAX_SECONDS:g} s, < {MAX_MEGABYTES:g} MB): {'met' if met else 'MISSED'}, "
         f"slowest call {worst_seconds * 1e3:.1f} ms, largest memory figure {worst_mb:.2f} MB"
     )
 
