@@ -72,13 +72,18 @@ def load_images() -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.
     )
 
 
+def to_imagenet_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize grayscale uint8 images of shape (n, h, w) to ``image_size`` and normalize them as ImageNet RGB."""
+    images = images.unsqueeze(1).float() / 255
+    images = nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+    return (images.expand(-1, 3, -1, -1) - IMAGENET_MEAN) / IMAGENET_STD
+
+
 def make_collate(image_size: int):  # type: ignore[no-untyped-def]
-    """Resize grayscale uint8 images to ``image_size`` and normalize them as ImageNet RGB."""
+    """Batch ``(image, label)`` pairs into ImageNet-normalized RGB images of ``image_size`` pixels."""
 
     def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([b[0] for b in batch]).unsqueeze(1).float() / 255
-        images = nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
-        images = (images.expand(-1, 3, -1, -1) - IMAGENET_MEAN) / IMAGENET_STD
+        images = to_imagenet_input(torch.stack([b[0] for b in batch]), image_size)
         return images, torch.stack([b[1] for b in batch])
 
     return collate
