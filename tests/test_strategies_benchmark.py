@@ -82,6 +82,9 @@ def test_quick_mode_writes_report(tmp_path):
     report = (tmp_path / "strategies.md").read_text()
     assert "- command: `python benchmarks/strategies.py --quick" in report
     assert "### MiniLM + BBC News" in report
+    assert "NOTE: quick mode, a smoke test" in report
+    assert "(1 seed)" in report
+    assert "±" not in report.split("![")[1]
     table_rows = [line for line in report.splitlines() if line.startswith("| ") and "strategy" not in line]
     assert len(table_rows) == 10 * len(datasets)
     assert (tmp_path / "strategies.png").stat().st_size > 10_000
@@ -93,4 +96,15 @@ def test_steps_must_match_sizes(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--sizes", "50", "500", "--steps", "30", "--out", "unused"])
 
-    assert "--steps has 1 values for 2 sizes; give one per size." in capsys.readouterr().err
+    assert "1 --steps values for 2 sizes [50, 500]: pass --steps with one value per size." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["abc", "5", "-50"])
+def test_invalid_size_is_rejected(capsys, size):
+    benchmark = load_benchmark()
+
+    with pytest.raises(SystemExit):
+        benchmark.main(["--sizes", size, "--out", "unused"])
+
+    message = f"invalid size {size!r}: give 'all' or a whole number of at least 10 (one example per class)"
+    assert message in capsys.readouterr().err
