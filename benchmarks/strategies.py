@@ -13,8 +13,9 @@ order. The run is split into eight stages of equal length. A strategy changes wh
 at a stage boundary, through the policies of finetunekit, inside a hand-written loop.
 AdamW (weight decay 0.01) anneals every group's rate to zero on one cosine curve.
 
-Strategies (``head`` is the head's rate, ``ft`` the rate of unfrozen pretrained layers,
-``adapter`` the rate of biases and LoRA adapters; values per data set are in ``TASKS``):
+In the list of strategies, ``head`` is the head's rate, ``ft`` the rate of unfrozen
+pretrained layers and ``adapter`` the rate of biases and LoRA adapters. ``bbc_task`` and
+``fashion_task`` set their values for each data set.
 
 * ``feature_extraction``: the head alone, at ``head``.
 * ``partial``: the head alone for two stages, then the top layer groups at ``ft``.
