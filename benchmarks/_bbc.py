@@ -24,14 +24,19 @@ class BBCData:
     model_dir: Path
 
 
-def load_text_example() -> Any:
-    """Import ``examples/text_classification.py``, which is not a package, by its path."""
-    spec = importlib.util.spec_from_file_location("text_example", ROOT / "examples" / "text_classification.py")
+def load_example(name: str) -> Any:
+    """Import ``examples/<name>.py``, which is not part of a package, by its path."""
+    spec = importlib.util.spec_from_file_location(f"{name}_example", ROOT / "examples" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_text_example() -> Any:
+    """Import ``examples/text_classification.py``, which builds the BBC News loaders."""
+    return load_example("text_classification")
 
 
 def bbc_data(max_length: int, batch_size: int = 32) -> BBCData:

@@ -7,6 +7,7 @@ import datetime
 import math
 import os
 import platform
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,17 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(tensor.mean()), std
 
 
+def _accuracies(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[float]]:
+    """Group the validation accuracies by data set, strategy and size, the key in that order."""
+    accuracies: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        accuracies[row["dataset"], row["strategy"], row["size"]].append(float(row["val_accuracy"]))
+    return accuracies
+
+
 def summary_tables(rows: list[dict[str, Any]], strategies: Sequence[str]) -> str:
     """Format one Markdown table per data set: accuracy per size, and the cost at the largest size."""
+    accuracies = _accuracies(rows)
     lines = []
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         mine = [row for row in rows if row["dataset"] == dataset]
@@ -43,11 +53,7 @@ def summary_tables(rows: list[dict[str, Any]], strategies: Sequence[str]) -> str
             "| --- | " + " | ".join("---:" for _ in header) + " | ---: | ---: | ---: |",
         ]
         best = {
-            size: max(
-                _mean_std([r["val_accuracy"] for r in mine if r["size"] == size and r["strategy"] == s])[0]
-                for s in strategies
-                if any(r["size"] == size and r["strategy"] == s for r in mine)
-            )
+            size: max(_mean_std(scores)[0] for (d, _, s), scores in accuracies.items() if (d, s) == (dataset, size))
             for size in sizes
         }
         for strategy in strategies:
@@ -56,7 +62,7 @@ def summary_tables(rows: list[dict[str, Any]], strategies: Sequence[str]) -> str
                 continue
             cells = []
             for size in sizes:
-                scores = [row["val_accuracy"] for row in runs if row["size"] == size]
+                scores = accuracies.get((dataset, strategy, size))
                 if not scores:
                     cells.append("")
                     continue
@@ -83,6 +89,7 @@ def write_plot(rows: list[dict[str, Any]], strategies: Sequence[str], path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    accuracies = _accuracies(rows)
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -90,9 +97,9 @@ def write_plot(rows: list[dict[str, Any]], strategies: Sequence[str], path: Path
         sizes = list(dict.fromkeys(row["size"] for row in mine))
         for strategy in strategies:
             points = [
-                (i, _mean_std([r["val_accuracy"] for r in mine if r["size"] == size and r["strategy"] == strategy]))
+                (i, _mean_std(accuracies[dataset, strategy, size]))
                 for i, size in enumerate(sizes)
-                if any(r["size"] == size and r["strategy"] == strategy for r in mine)
+                if (dataset, strategy, size) in accuracies
             ]
             if not points:
                 continue

@@ -72,7 +72,7 @@ import finetunekit as ftk
 from finetunekit.lora import add_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bbc import ROOT, load_text_example
+from _bbc import ROOT, load_example, load_text_example
 from _strategy_report import read_rows, write_report
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks"
@@ -191,12 +191,7 @@ def bbc_task(max_length: int, max_val: int | None) -> Task:
 
 
 def fashion_task(image_size: int, max_val: int | None) -> Task:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("image_example", ROOT / "examples" / "image_classification.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("image_classification")
     name, train_x, train_y, val_x, val_y = example.load_images()
     if name != "fashion-mnist":
         raise SystemExit("Fashion-MNIST is missing. Install it with: apt-get install dataset-fashion-mnist")
